@@ -1,0 +1,1 @@
+"""Report steps: the spec's example plugin package (plugins/reports/)."""

@@ -1,0 +1,1 @@
+"""Helpers shared across jobs (the spec's "Reusing functions across jobs")."""

@@ -1,0 +1,69 @@
+"""Importing plugins: fresh from source on every attempt, resolved as the spec's table says."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.machinery as machinery
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+
+class _FreshSourceLoader(machinery.SourceFileLoader):
+    """Compiles plugin source every time.
+
+    A `__pycache__` entry is keyed on mtime and size, so an edit that keeps
+    both (same second, same length) would run stale code; plugins are small,
+    compiling them is cheap, and "edited means picked up" must always hold.
+    """
+
+    def get_code(self, fullname: str) -> Any:
+        return compile(self.get_data(self.path), self.path, "exec", dont_inherit=True)
+
+
+def install_plugins_path(plugins_dir: str) -> None:
+    """Put the plugins directory first on sys.path, imported through the fresh loader."""
+    root = os.path.realpath(plugins_dir)
+
+    def hook(path: str) -> machinery.FileFinder:
+        real = os.path.realpath(path or ".")
+        if real != root and not real.startswith(root + os.sep):
+            raise ImportError("not a plugins path")
+        return machinery.FileFinder(
+            path,
+            (_FreshSourceLoader, machinery.SOURCE_SUFFIXES),
+            (machinery.ExtensionFileLoader, machinery.EXTENSION_SUFFIXES),
+        )
+
+    sys.path_hooks.insert(0, hook)
+    sys.path.insert(0, plugins_dir)
+    sys.path_importer_cache.clear()
+
+
+def resolve_function(ref: str, plugins_dir: str) -> Callable[..., Any]:
+    """`module.path:function` -> the function; any failure is an ImportError."""
+    module_name, sep, func_name = ref.partition(":")
+    if not sep or not module_name or not func_name:
+        raise ImportError(f"step reference {ref!r} is not of the form 'module.path:function'")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and module_name.startswith(exc.name):
+            raise ModuleNotFoundError(
+                f"No module named {exc.name!r} in the plugins directory {plugins_dir} "
+                f"(step reference {ref!r})",
+                name=exc.name,
+            ) from exc
+        raise
+    try:
+        func = getattr(module, func_name)
+    except AttributeError:
+        raise ImportError(
+            f"cannot find function {func_name!r} in module {module_name!r} "
+            f"({getattr(module, '__file__', '?')}); check the step's python = {ref!r}",
+            name=module_name,
+        ) from None
+    if not callable(func):
+        raise ImportError(f"{ref!r} is a {type(func).__name__}, not a function")
+    return func

@@ -1,0 +1,140 @@
+"""One attempt inside the child: handshake, import, run, report, exit."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import os
+import sys
+import traceback
+from typing import Any
+
+from ..protocol import PROTOCOL_FDS_ENV, PROTOCOL_VERSION, Done, Failed, Ready, Start
+from .channel import Channel, adopt_protocol_fds
+from .context import ChildContext
+from .loader import install_plugins_path, resolve_function
+
+
+def main() -> None:
+    spec = os.environ.pop(PROTOCOL_FDS_ENV, None)
+    if spec is None:
+        print(
+            "liberty.jobs.child is started by the nomaflow supervisor, not by hand; "
+            "use `nomaflow step module:function` to run one step.",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+    fd_in, fd_out = adopt_protocol_fds(spec)
+    channel = Channel(fd_in, fd_out)
+    channel.send(Ready(version=PROTOCOL_VERSION, pid=os.getpid()))
+    start = channel.receive()
+    if not isinstance(start, Start) or start.version != PROTOCOL_VERSION:
+        print(f"nomaflow child: expected start (protocol {PROTOCOL_VERSION}), got {start!r:.200}", file=sys.stderr)
+        os._exit(2)
+    channel.start_reader()
+    run_attempt(channel, start)
+    _flush_and_exit(0)
+
+
+def run_attempt(channel: Channel, start: Start) -> None:
+    install_plugins_path(start.plugins)
+    try:
+        func = resolve_function(start.function, start.plugins)
+    except BaseException as exc:  # the plugin's import-time errors belong to the step
+        channel.send(_failure("exception", exc))
+        return
+    ctx = ChildContext(channel, start)
+    channel.send(asyncio.run(_run(channel, func, ctx, start)))
+
+
+async def _run(channel: Channel, func: Any, ctx: ChildContext, start: Start) -> Done | Failed:
+    loop = asyncio.get_running_loop()
+    task = asyncio.ensure_future(_call(func, ctx, dict(start.params)))
+    channel.on_task_cancel = lambda: loop.call_soon_threadsafe(task.cancel)
+    try:
+        output = await task
+    except asyncio.CancelledError as exc:
+        return _failure("cancelled", exc)
+    except BaseException as exc:  # the step's own failure, reported with its real type
+        return _failure("exception", exc)
+    finally:
+        channel.on_task_cancel = None
+    problem = check_output(output, start.max_output_bytes)
+    if problem:
+        return Failed(kind="output", type="OutputError", message=problem)
+    return Done(output=output)
+
+
+async def _call(func: Any, ctx: ChildContext, kwargs: dict[str, Any]) -> Any:
+    if inspect.iscoroutinefunction(func):
+        result = await func(ctx, **kwargs)
+    else:
+        result = await asyncio.to_thread(func, ctx, **kwargs)
+    while inspect.isawaitable(result):
+        result = await result
+    return result
+
+
+def _failure(kind: str, exc: BaseException) -> Failed:
+    message = str(exc)
+    if isinstance(exc, asyncio.CancelledError) and not message:
+        message = "the step was cancelled"
+    return Failed(
+        kind=kind,  # type: ignore[arg-type]
+        type=type(exc).__qualname__ if type(exc).__module__ in ("builtins", "asyncio.exceptions") else f"{type(exc).__module__}.{type(exc).__qualname__}",
+        message=message,
+        traceback="".join(traceback.format_exception(exc)),
+    )
+
+
+def check_output(output: Any, max_bytes: int) -> str | None:
+    """None if the output may be recorded, else the reason, naming type or size."""
+    try:
+        encoded = json.dumps(output, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        where = _find_unserialisable(output, "output")
+        if where:
+            return f"step output is not JSON-serialisable: {where[0]} is of type {where[1]}; return plain dicts, lists, strings and numbers"
+        return f"step output is not JSON-serialisable: {exc}"
+    size = len(encoded.encode("utf-8"))
+    if size > max_bytes:
+        return (
+            f"step output is {size} bytes, over the {max_bytes}-byte cap (limits.max_output_kb); "
+            "return aggregates, not raw data"
+        )
+    return None
+
+
+def _find_unserialisable(value: Any, path: str, depth: int = 0) -> tuple[str, str] | None:
+    if depth > 100:
+        return (path, "nesting deeper than 100 levels")
+    if value is None or isinstance(value, (str, bool, int)):
+        return None
+    if isinstance(value, float):
+        return None if value == value and value not in (float("inf"), float("-inf")) else (path, f"float {value}")
+    if isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            found = _find_unserialisable(item, f"{path}[{i}]", depth + 1)
+            if found:
+                return found
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, (str, int, float, bool)) and key is not None:
+                return (f"{path} key {key!r}", type(key).__name__)
+            found = _find_unserialisable(item, f"{path}[{key!r}]", depth + 1)
+            if found:
+                return found
+        return None
+    return (path, type(value).__qualname__)
+
+
+def _flush_and_exit(code: int) -> None:
+    """Exit without waiting for threads a sync step may have left running."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)

@@ -1,0 +1,169 @@
+"""Every message that crosses the parent/child pipes.
+
+Frozen attrs classes; the wire form is one JSON object per line with a `"t"`
+tag (see `codec`).  Values that are plugin data (`params`, `output`, connector
+arguments and rows) are typed `Any` here and validated as plain JSON by the
+codec; richer values (datetime, Decimal, bytes, UUID) travel inside them in the
+tagged form of `protocol.values`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import attrs
+
+PROTOCOL_VERSION = 1
+# The child finds its protocol pipe ends ("IN,OUT" fd numbers) in this variable.
+PROTOCOL_FDS_ENV = "NOMAFLOW_PROTOCOL_FDS"
+
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+FailureKind = Literal["exception", "cancelled", "output"]
+CancelStage = Literal["flag", "task"]
+
+
+def _frozen(cls: type) -> type:
+    return attrs.frozen(kw_only=True)(cls)
+
+
+# --- child -> parent -------------------------------------------------------
+
+
+@_frozen
+class Ready:
+    """First line from a child: it runs and speaks this protocol version."""
+
+    version: int
+    pid: int
+
+
+@_frozen
+class Log:
+    level: LogLevel
+    message: str
+
+
+@_frozen
+class Call:
+    """A connector call; answered by exactly one `Reply` with the same id.
+
+    `method` is checked by the parent against the connector's surface;
+    `tx` names a transaction opened by an earlier `begin` call.
+    """
+
+    id: int
+    connector: str
+    method: str
+    args: list[Any] = attrs.field(factory=list)
+    kwargs: dict[str, Any] = attrs.field(factory=dict)
+    tx: int | None = None
+
+
+@_frozen
+class StreamOpen:
+    """Start streaming a query; the parent sends at most `credit` `Rows` batches."""
+
+    id: int
+    connector: str
+    sql: str
+    params: list[Any] = attrs.field(factory=list)
+    batch_size: int = 1000
+    credit: int = 2
+    tx: int | None = None
+
+
+@_frozen
+class StreamMore:
+    """The child consumed batches and grants `credit` more."""
+
+    id: int
+    credit: int = 1
+
+
+@_frozen
+class StreamClose:
+    """The child stops reading early; the parent closes the cursor."""
+
+    id: int
+
+
+@_frozen
+class Done:
+    output: Any = None
+
+
+@_frozen
+class Failed:
+    kind: FailureKind
+    type: str
+    message: str
+    traceback: str = ""
+
+
+# --- parent -> child -------------------------------------------------------
+
+
+@_frozen
+class Start:
+    version: int
+    run_id: str
+    job_id: str
+    step: str
+    attempt: int
+    function: str
+    plugins: str
+    params: dict[str, Any] = attrs.field(factory=dict)
+    session_user: str = "cli"
+    log_level: Literal["INFO", "DEBUG"] = "INFO"
+    previous_steps: dict[str, dict[str, Any]] = attrs.field(factory=dict)
+    connectors: list[str] = attrs.field(factory=list)
+    max_output_bytes: int = 64 * 1024
+
+
+@_frozen
+class Reply:
+    """Answer to a `Call`.  `error` is an encoded exception (`protocol.values`)."""
+
+    id: int
+    ok: bool
+    value: Any = None
+    error: dict[str, Any] | None = None
+
+
+@_frozen
+class Rows:
+    """One batch of a stream; `done` marks the last one, `error` a failed stream."""
+
+    id: int
+    rows: list[Any] = attrs.field(factory=list)
+    done: bool = False
+    error: dict[str, Any] | None = None
+
+
+@_frozen
+class Cancel:
+    """`flag` sets `ctx.is_cancelled()`; `task` cancels the step's asyncio task."""
+
+    stage: CancelStage = "flag"
+
+
+ChildMessage = Ready | Log | Call | StreamOpen | StreamMore | StreamClose | Done | Failed
+ParentMessage = Start | Reply | Rows | Cancel
+
+CHILD_MESSAGES: tuple[type, ...] = (Ready, Log, Call, StreamOpen, StreamMore, StreamClose, Done, Failed)
+PARENT_MESSAGES: tuple[type, ...] = (Start, Reply, Rows, Cancel)
+
+TAGS: dict[type, str] = {
+    Ready: "ready",
+    Log: "log",
+    Call: "call",
+    StreamOpen: "stream_open",
+    StreamMore: "stream_more",
+    StreamClose: "stream_close",
+    Done: "done",
+    Failed: "failed",
+    Start: "start",
+    Reply: "reply",
+    Rows: "rows",
+    Cancel: "cancel",
+}

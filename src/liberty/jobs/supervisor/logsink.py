@@ -1,0 +1,62 @@
+"""Run-log lines from every attempt, batched into the history off the hot path.
+
+Producers `await put(line)`; a bounded channel gives backpressure (a child
+that logs faster than SQLite commits ends up blocked on its pipe rather than
+growing the supervisor's memory).  One flusher task commits batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import trio
+
+from ..history import HistoryStore, LogLine
+
+BATCH = 2000
+CAPACITY = 20000
+
+
+class LogSink:
+    def __init__(self, store: HistoryStore, listeners: list[Callable[[LogLine], None]]) -> None:
+        self._store = store
+        self._listeners = listeners
+        self._send, self._receive = trio.open_memory_channel[LogLine | trio.Event](CAPACITY)
+
+    async def put(self, line: LogLine) -> None:
+        for listener in self._listeners:
+            listener(line)
+        await self._send.send(line)
+
+    async def flush(self) -> None:
+        """Return once every line put before this call is committed."""
+        done = trio.Event()
+        await self._send.send(done)
+        await done.wait()
+
+    async def close(self) -> None:
+        await self.flush()
+        await self._send.aclose()
+
+    async def run(self) -> None:
+        """The flusher: runs until `close()`."""
+        async with self._receive:
+            async for first in self._receive:
+                batch: list[LogLine] = []
+                barriers: list[trio.Event] = []
+                item: LogLine | trio.Event = first
+                while True:
+                    if isinstance(item, trio.Event):
+                        barriers.append(item)
+                    else:
+                        batch.append(item)
+                    if len(batch) >= BATCH:
+                        break
+                    try:
+                        item = self._receive.receive_nowait()
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                if batch:
+                    await trio.to_thread.run_sync(self._store.append_logs, batch)
+                for barrier in barriers:
+                    barrier.set()

@@ -1,0 +1,121 @@
+"""Finding, freezing, killing and reaping an attempt's whole process tree.
+
+A step may fork, `setsid()` and double-fork; killing its process group is not
+enough.  The supervisor makes itself a child subreaper so orphans re-parent to
+it instead of init, tags every attempt's environment with a token, and kills
+what the descendant walk, the process group and the token find, freezing
+first so nothing forks away between the walk and the kill.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+from collections.abc import Iterable
+
+import psutil
+
+ATTEMPT_TOKEN_ENV = "NOMAFLOW_ATTEMPT"
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+def become_subreaper() -> bool:
+    """Make orphaned descendants re-parent to this process; False where the kernel refuses."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def descendants(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def _has_token(proc: psutil.Process, token: str) -> bool:
+    try:
+        return proc.environ().get(ATTEMPT_TOKEN_ENV) == token
+    except psutil.Error:
+        return False
+
+
+def _adopted_with_token(token: str, exclude: set[int]) -> list[psutil.Process]:
+    """Orphans re-parented to us (subreaper) that carry this attempt's token."""
+    found = []
+    for child in psutil.Process().children(recursive=True):
+        if child.pid not in exclude and _has_token(child, token):
+            found.append(child)
+    return found
+
+
+def kill_tree(
+    root_pid: int,
+    *,
+    token: str | None = None,
+    known: Iterable[psutil.Process] = (),
+    spare: Iterable[int] = (),
+) -> int:
+    """SIGKILL the root, its group, its descendants, and token-tagged orphans; return how many died.
+
+    `known` are processes seen earlier (psutil guards them against pid reuse);
+    `spare` lists pids never to touch (other attempts' roots).  Killed
+    processes that were re-parented to us are reaped here; the root is left
+    for its owner to reap.
+    """
+    spare_set = set(spare)
+    victims: dict[int, psutil.Process] = {}
+    for _ in range(20):
+        found = descendants(root_pid) + [p for p in known if p.pid not in victims]
+        if token:
+            found.extend(_adopted_with_token(token, spare_set | {root_pid}))
+        new = [p for p in found if p.pid not in victims and p.pid not in spare_set and p.pid != os.getpid()]
+        if not new:
+            break
+        for proc in new:
+            victims[proc.pid] = proc
+            try:
+                proc.suspend()
+            except psutil.Error:
+                pass
+    try:
+        os.killpg(root_pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        os.kill(root_pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    for proc in victims.values():
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    _reap(victims.values())
+    return len(victims)
+
+
+def _reap(procs: Iterable[psutil.Process]) -> None:
+    me = os.getpid()
+    for proc in procs:
+        try:
+            if proc.ppid() != me:
+                continue
+            proc.wait(timeout=2)
+        except psutil.TimeoutExpired:
+            continue
+        except psutil.Error:
+            continue
+
+
+def signal_name(returncode: int) -> str:
+    """Popen return code to words: 'exit code 3' or 'signal SIGSEGV'."""
+    if returncode < 0:
+        try:
+            return f"signal {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"signal {-returncode}"
+    return f"exit code {returncode}"

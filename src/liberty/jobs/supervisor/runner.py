@@ -1,0 +1,355 @@
+"""The `Supervisor`: runs jobs (steps in order, attempts under the retry policy).
+
+One Supervisor owns the history store, the connectors, the log flusher and the
+cancel poller; any number of runs execute concurrently inside its nursery.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import attrs
+import psutil
+import trio
+
+from ..config import Job, Step
+from ..errors import ConfigError
+from ..history import AttemptRecord, HistoryStore, LogLine, RunView
+from ..protocol import PROTOCOL_VERSION, Start
+from ..types import Status
+from .logsink import LogSink
+from .processes import become_subreaper
+from .session import AttemptOutcome, AttemptSession
+
+CANCEL_POLL_INTERVAL = 0.2
+
+Run = RunView
+
+
+@attrs.define
+class RunHandle:
+    """A run started with `Supervisor.start`; `await handle.wait()` for its record."""
+
+    run_id: str
+    job: Job
+    cancel_event: trio.Event = attrs.field(factory=trio.Event)
+    finished: trio.Event = attrs.field(factory=trio.Event)
+    _supervisor: Supervisor | None = None
+
+    async def wait(self) -> RunView:
+        await self.finished.wait()
+        assert self._supervisor is not None
+        return await self._supervisor.get_run(self.run_id)
+
+
+class Supervisor:
+    """Owns everything precious; plugins only ever see a child process and a pipe."""
+
+    def __init__(
+        self,
+        plugins: str | os.PathLike[str] = "plugins",
+        history: str | os.PathLike[str] = ".nomaflow/history.db",
+        connectors: str | os.PathLike[str] | None = None,
+        *,
+        session_user: str = "api",
+        on_log: Callable[[LogLine], None] | None = None,
+    ) -> None:
+        self.plugins = Path(plugins).resolve()
+        self.history_path = str(history)
+        self.connectors_path = Path(connectors) if connectors is not None else None
+        self.session_user = session_user
+        self._listeners = [on_log] if on_log else []
+        self._active: dict[str, RunHandle] = {}
+        self._attempt_pids: set[int] = set()
+        self._stack: contextlib.AsyncExitStack | None = None
+        self._nursery: trio.Nursery | None = None
+        self._store: HistoryStore | None = None
+        self._sink: LogSink | None = None
+        self._connectors: Any | None = None
+
+    # -- lifecycle --------------------------------------------------------
+
+    async def __aenter__(self) -> Supervisor:
+        if not self.plugins.is_dir():
+            raise ConfigError(
+                "plugins directory not found; create it or point `plugins` in nomaflow.toml at it",
+                file=str(self.plugins),
+            )
+        become_subreaper()
+        stack = contextlib.AsyncExitStack()
+        await stack.__aenter__()
+        try:
+            self._store = await trio.to_thread.run_sync(HistoryStore, self.history_path)
+            stack.callback(self._store.close)
+            await self._mark_lost_runs()
+            self._connectors = await self._open_connectors(stack)
+            self._sink = LogSink(self._store, self._listeners)
+            nursery = await stack.enter_async_context(trio.open_nursery())
+            self._nursery = nursery
+            stack.push_async_callback(self._sink.close)
+            nursery.start_soon(self._sink.run)
+            nursery.start_soon(self._poll_cancels)
+        except BaseException:
+            await stack.aclose()
+            raise
+        self._stack = stack
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> bool | None:
+        assert self._stack is not None
+        await self._wait_for_runs()
+        self._nursery.cancel_scope.cancel()  # type: ignore[union-attr]
+        return await self._stack.__aexit__(*exc_info)
+
+    async def _wait_for_runs(self) -> None:
+        for handle in list(self._active.values()):
+            await handle.finished.wait()
+
+    async def _open_connectors(self, stack: contextlib.AsyncExitStack) -> Any | None:
+        if self.connectors_path is None or not self.connectors_path.exists():
+            return None
+        from ..connectors import ConnectorRegistry, load_connectors
+
+        configs = load_connectors(self.connectors_path, environ=os.environ)
+        return await stack.enter_async_context(ConnectorRegistry(configs))
+
+    async def _mark_lost_runs(self) -> None:
+        store = self._store
+        assert store is not None
+
+        def mark() -> None:
+            lost = store.runs_of_dead_supervisors(psutil.pid_exists)
+            if lost:
+                store.mark_lost(lost, message="the supervisor running this step died (its process is gone)")
+
+        await trio.to_thread.run_sync(mark)
+
+    # -- public API -------------------------------------------------------
+
+    async def run(
+        self,
+        job: Job,
+        params: dict[str, Any] | None = None,
+        *,
+        session_user: str | None = None,
+        run_id: str | None = None,
+    ) -> RunView:
+        """Run a job to the end and return its record."""
+        handle = await self.start(job, params, session_user=session_user, run_id=run_id)
+        return await handle.wait()
+
+    async def start(
+        self,
+        job: Job,
+        params: dict[str, Any] | None = None,
+        *,
+        session_user: str | None = None,
+        run_id: str | None = None,
+    ) -> RunHandle:
+        """Create the run in the history and start it; returns at once."""
+        assert self._nursery is not None and self._store is not None, "use `async with Supervisor(...)`"
+        run_id = run_id or uuid.uuid4().hex[:12]
+        user = session_user or self.session_user
+        await trio.to_thread.run_sync(
+            lambda: self._store.create_run(  # type: ignore[union-attr]
+                run_id,
+                job.name,
+                session_user=user,
+                params={**job.params, **(params or {})},
+                steps=[s.name for s in job.steps],
+                supervisor_pid=os.getpid(),
+            )
+        )
+        handle = RunHandle(run_id, job, supervisor=self)
+        self._active[run_id] = handle
+        self._nursery.start_soon(self._execute, handle, dict(params or {}), user)
+        return handle
+
+    async def cancel(self, run_id: str) -> bool:
+        """Ask a run to stop; works for runs of this supervisor and, via the history, of others."""
+        assert self._store is not None
+        full_id = await trio.to_thread.run_sync(self._store.resolve_run_id, run_id)
+        handle = self._active.get(full_id)
+        requested = await trio.to_thread.run_sync(self._store.request_cancel, full_id)
+        if handle is not None:
+            handle.cancel_event.set()
+            return True
+        return requested
+
+    async def get_run(self, run_id: str) -> RunView:
+        assert self._store is not None
+        return await trio.to_thread.run_sync(self._store.get_run, run_id)
+
+    @property
+    def store(self) -> HistoryStore:
+        assert self._store is not None
+        return self._store
+
+    # -- running ----------------------------------------------------------
+
+    async def _poll_cancels(self) -> None:
+        store = self._store
+        assert store is not None
+        while True:
+            await trio.sleep(CANCEL_POLL_INTERVAL)
+            waiting = [rid for rid, h in self._active.items() if not h.cancel_event.is_set()]
+            if not waiting:
+                continue
+            for rid in await trio.to_thread.run_sync(store.cancel_requested, waiting):
+                if rid in self._active:
+                    self._active[rid].cancel_event.set()
+
+    async def _execute(self, handle: RunHandle, overrides: dict[str, Any], user: str) -> None:
+        store, sink, job = self._store, self._sink, handle.job
+        assert store is not None and sink is not None
+        try:
+            await trio.to_thread.run_sync(store.start_run, handle.run_id)
+            previous: dict[str, dict[str, Any]] = {}
+            final = Status.SUCCEEDED
+            for index, step in enumerate(job.steps):
+                if handle.cancel_event.is_set() and final == Status.SUCCEEDED:
+                    final = Status.CANCELLED
+                if final != Status.SUCCEEDED:
+                    rest = [s.name for s in job.steps[index:]]
+                    await trio.to_thread.run_sync(store.skip_steps, handle.run_id, rest)
+                    break
+                record = await self._run_step(handle, step, {**job.params, **step.op_kwargs, **overrides}, previous, user)
+                previous[step.name] = record
+                if record["status"] != Status.SUCCEEDED:
+                    final = Status(record["status"])
+            await sink.flush()
+            await trio.to_thread.run_sync(store.finish_run, handle.run_id, final)
+        finally:
+            self._active.pop(handle.run_id, None)
+            handle.finished.set()
+
+    async def _run_step(
+        self,
+        handle: RunHandle,
+        step: Step,
+        kwargs: dict[str, Any],
+        previous: dict[str, dict[str, Any]],
+        user: str,
+    ) -> dict[str, Any]:
+        store = self._store
+        assert store is not None
+        await trio.to_thread.run_sync(store.start_step, handle.run_id, step.name)
+        attempt = 0
+        while True:
+            attempt += 1
+            started = time.time()
+            outcome = await self._run_attempt(handle, step, attempt, kwargs, previous, user)
+            await trio.to_thread.run_sync(
+                store.record_attempt,
+                AttemptRecord(
+                    run_id=handle.run_id,
+                    step=step.name,
+                    attempt=attempt,
+                    status=outcome.status,
+                    reason=outcome.reason,
+                    output=outcome.output,
+                    error=outcome.error,
+                    started_at=started,
+                    ended_at=time.time(),
+                    wall_s=outcome.wall_s,
+                    cpu_s=outcome.cpu_s,
+                    peak_rss_mb=outcome.peak_rss_mb,
+                    exit_code=outcome.exit_code,
+                    usage=outcome.usage,
+                ),
+            )
+            retryable = outcome.status in (Status.FAILED, Status.TIMED_OUT) and not handle.cancel_event.is_set()
+            if not retryable or attempt >= step.retry.max_attempts:
+                break
+            delay = step.retry.delay_before(attempt + 1)
+            await self._system_log(
+                handle.run_id, step.name, attempt,
+                "WARNING",
+                f"attempt {attempt} of {step.retry.max_attempts} ended {outcome.status} ({outcome.reason}); "
+                f"retrying in {delay:g} s",
+            )
+            with trio.move_on_after(delay):
+                await handle.cancel_event.wait()
+            if handle.cancel_event.is_set():
+                outcome = attrs.evolve(outcome, status=Status.CANCELLED)
+                break
+        error = dict(outcome.error, reason=str(outcome.reason)) if outcome.error else None
+        await trio.to_thread.run_sync(
+            lambda: store.finish_step(
+                handle.run_id,
+                step.name,
+                status=outcome.status,
+                attempts=attempt,
+                output=outcome.output,
+                error=error,
+                wall_s=outcome.wall_s,
+                cpu_s=outcome.cpu_s,
+                peak_rss_mb=outcome.peak_rss_mb,
+            )
+        )
+        return {"status": str(outcome.status), "output": outcome.output, "attempts": attempt, "error": error}
+
+    async def _run_attempt(
+        self,
+        handle: RunHandle,
+        step: Step,
+        attempt: int,
+        kwargs: dict[str, Any],
+        previous: dict[str, dict[str, Any]],
+        user: str,
+    ) -> AttemptOutcome:
+        sink = self._sink
+        assert sink is not None
+        run_id = handle.run_id
+
+        async def emit(level: str, stream: str, message: str) -> None:
+            await sink.put(
+                LogLine(run_id=run_id, ts=time.time(), level=level, stream=stream, message=message, step=step.name, attempt=attempt)
+            )
+
+        start = Start(
+            version=PROTOCOL_VERSION,
+            run_id=run_id,
+            job_id=handle.job.name,
+            step=step.name,
+            attempt=attempt,
+            function=step.python,
+            plugins=str(self.plugins),
+            params=kwargs,
+            session_user=user,
+            log_level=handle.job.log_level,
+            previous_steps=previous,
+            connectors=list(step.connectors),
+            max_output_bytes=step.limits.max_output_kb * 1024,
+        )
+        connectors = self._connectors.session(step.name, step.connectors) if self._connectors else None
+        async with contextlib.AsyncExitStack() as stack:
+            scope = await stack.enter_async_context(connectors) if connectors is not None else None
+            session = AttemptSession(
+                start=start,
+                step=step,
+                emit=emit,
+                cancel=handle.cancel_event,
+                connectors=scope,
+                spare_pids=lambda: set(self._attempt_pids),
+            )
+            try:
+                outcome = await session.run()
+            finally:
+                if session.pid is not None:
+                    self._attempt_pids.discard(session.pid)
+        if outcome.error and outcome.status != Status.SUCCEEDED:
+            await emit("ERROR", "system", f"attempt {attempt} {outcome.status} ({outcome.reason}): {outcome.error['type']}: {outcome.error['message']}")
+        return outcome
+
+    async def _system_log(self, run_id: str, step: str, attempt: int, level: str, message: str) -> None:
+        assert self._sink is not None
+        await self._sink.put(
+            LogLine(run_id=run_id, ts=time.time(), level=level, stream="system", message=message, step=step, attempt=attempt)
+        )

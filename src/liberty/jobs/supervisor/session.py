@@ -1,0 +1,558 @@
+"""One attempt of one step: a child process from spawn to reap.
+
+The session owns the child for the attempt's whole life: it pumps protocol
+messages (validating every one), drains stdout/stderr into the run log line
+by line, serves connector calls, enforces the timeout and the cancel
+escalation (flag, then task cancel at half the grace, then kill at the grace),
+kills every descendant when the attempt ends, and records usage.  Nothing the
+child sends can raise out of here: every failure becomes the attempt's outcome.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import attrs
+import psutil
+import trio
+
+from ..config import Step
+from ..errors import ProtocolError
+from ..protocol import (
+    DEFAULT_MAX_LINE,
+    PROTOCOL_VERSION,
+    Call,
+    Cancel,
+    ChildMessage,
+    Done,
+    Failed,
+    LineSplitter,
+    Log,
+    ParentMessage,
+    Ready,
+    Reply,
+    Rows,
+    Start,
+    StreamClose,
+    StreamMore,
+    StreamOpen,
+    decode_child_message,
+    encode,
+)
+from ..types import Reason, Status
+from .processes import kill_tree, signal_name
+from .spawn import ChildProcess, child_environment, spawn_child
+
+Emit = Callable[[str, str, str], Awaitable[None]]
+"""(level, stream, message) -> appended to the run log; may apply backpressure."""
+
+STARTUP_TIMEOUT = 60.0
+EXIT_AFTER_RESULT_TIMEOUT = 5.0
+OUTPUT_DRAIN_TIMEOUT = 2.0
+MAX_OUTPUT_LINE = 64 * 1024
+STDERR_TAIL_LINES = 20
+USAGE_INTERVAL = 0.25
+
+
+@attrs.frozen(kw_only=True)
+class AttemptOutcome:
+    status: Status
+    reason: Reason | None = None
+    output: Any = None
+    error: dict[str, str] | None = None
+    exit_code: int | None = None
+    wall_s: float = 0.0
+    cpu_s: float = 0.0
+    peak_rss_mb: float = 0.0
+    usage: dict[str, Any] = attrs.field(factory=dict)
+
+
+class _StopKind:
+    TIMEOUT = "timeout"
+    CANCEL = "cancel"
+
+
+class AttemptSession:
+    def __init__(
+        self,
+        *,
+        start: Start,
+        step: Step,
+        emit: Emit,
+        cancel: trio.Event,
+        connectors: Any | None = None,
+        spare_pids: Callable[[], set[int]] = set,
+    ) -> None:
+        self._start = start
+        self._step = step
+        self._emit_raw = emit
+        self._cancel = cancel
+        self._connectors = connectors
+        self._spare_pids = spare_pids
+        self._max_line = max(DEFAULT_MAX_LINE, start.max_output_bytes + 4096)
+        self._token = uuid.uuid4().hex
+        self._send_lock = trio.Lock()
+        self._send_broken = False
+        self._ready = trio.Event()
+        self._settled = trio.Event()
+        self._exited = trio.Event()
+        self._result: Done | Failed | None = None
+        self._violation: str | None = None
+        self._stop: str | None = None
+        self._stop_note = ""
+        self._calls: set[int] = set()
+        self._streams: dict[int, _ServedStream] = {}
+        self._stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
+        self._log_bytes = 0
+        self._log_cap = step.limits.max_log_mb * 1024 * 1024
+        self._log_dropped = 0
+        self._seen: dict[int, psutil.Process] = {}
+        self._peak_rss = 0
+        self._cpu_s = 0.0
+        self._max_procs = 1
+        self._pumps_left = 2
+        self._pumps_done = trio.Event()
+        self.pid: int | None = None
+
+    # -- the attempt ------------------------------------------------------
+
+    async def run(self) -> AttemptOutcome:
+        t0 = time.monotonic()
+        workdir = tempfile.mkdtemp(prefix="nomaflow-step-")
+        returncode: int | None = None
+        try:
+            env = child_environment(workdir=workdir, token=self._token)
+            try:
+                child = await spawn_child(workdir=workdir, env=env)
+            except OSError as exc:
+                return AttemptOutcome(
+                    status=Status.FAILED,
+                    reason=Reason.CRASHED,
+                    error={"type": type(exc).__name__, "message": f"could not start the child interpreter: {exc}", "traceback": ""},
+                    wall_s=time.monotonic() - t0,
+                )
+            self.pid = child.pid
+            self._child_stream = child.to_child
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._pump_output, child.process.stdout, "stdout")
+                    nursery.start_soon(self._pump_output, child.process.stderr, "stderr")
+                    nursery.start_soon(self._read_protocol, child, nursery)
+                    nursery.start_soon(self._watch_exit, child.pid)
+                    nursery.start_soon(self._sample_usage, child.pid)
+                    await self._drive(child, t0)
+                    self._kill(child)
+                    with trio.move_on_after(OUTPUT_DRAIN_TIMEOUT):
+                        await self._pumps_done.wait()
+                    nursery.cancel_scope.cancel()
+            finally:
+                with trio.CancelScope(shield=True):
+                    self._kill(child)
+                    returncode = await child.process.wait()
+                    await child.aclose()
+                    for stream in (child.process.stdout, child.process.stderr):
+                        if stream is not None:
+                            await stream.aclose()
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+        if self._log_dropped:
+            await self._emit_raw(
+                "WARNING", "system", f"{self._log_dropped} log lines dropped past the {self._step.limits.max_log_mb} MiB log cap"
+            )
+        return self._outcome(returncode, time.monotonic() - t0)
+
+    async def _drive(self, child: ChildProcess, t0: float) -> None:
+        with trio.move_on_after(STARTUP_TIMEOUT):
+            await _first(self._ready.wait, self._settled.wait)
+        if self._settled.is_set():
+            return
+        if not self._ready.is_set():
+            self._protocol_violation(f"no 'ready' message within {STARTUP_TIMEOUT:.0f} s of start")
+            return
+        await self._send(self._start)
+        deadline = t0 + self._step.timeout_seconds
+        with trio.move_on_at(trio.current_time() + max(0.0, deadline - time.monotonic())):
+            await _first(self._settled.wait, self._cancel.wait)
+        if not self._settled.is_set():
+            await self._escalate(_StopKind.CANCEL if self._cancel.is_set() else _StopKind.TIMEOUT)
+        if self._result is not None and not self._exited.is_set():
+            with trio.move_on_after(EXIT_AFTER_RESULT_TIMEOUT):
+                await self._exited.wait()
+
+    async def _escalate(self, kind: str) -> None:
+        self._stop = kind
+        grace = self._step.cancel_grace_seconds
+        what = f"timed out after {self._step.timeout_seconds:g} s" if kind == _StopKind.TIMEOUT else "cancel requested"
+        await self._note("WARNING", f"{what}; asking the step to stop (grace {grace:g} s)")
+        await self._send(Cancel(stage="flag"), timeout=max(grace / 4, 0.05))
+        with trio.move_on_after(grace / 2):
+            await self._settled.wait()
+        if self._settled.is_set():
+            self._stop_note = "it stopped cooperatively"
+            return
+        await self._note("WARNING", f"still running after {grace / 2:g} s; cancelling the step's task")
+        await self._send(Cancel(stage="task"), timeout=max(grace / 4, 0.05))
+        with trio.move_on_after(grace / 2):
+            await self._settled.wait()
+        if self._settled.is_set():
+            self._stop_note = "its task was cancelled"
+            return
+        await self._note("WARNING", f"still running after the {grace:g} s grace period; killing its process tree")
+        self._stop_note = f"its process tree was killed after the {grace:g} s grace period"
+
+    def _kill(self, child: ChildProcess) -> None:
+        kill_tree(child.pid, token=self._token, known=self._seen.values(), spare=self._spare_pids() - {child.pid})
+
+    # -- outcome ----------------------------------------------------------
+
+    def _outcome(self, returncode: int | None, wall_s: float) -> AttemptOutcome:
+        usage = {"max_processes": self._max_procs, "exit": signal_name(returncode) if returncode is not None else None}
+        common = dict(
+            exit_code=returncode,
+            wall_s=round(wall_s, 4),
+            cpu_s=round(self._cpu_s, 4),
+            peak_rss_mb=round(self._peak_rss / (1024 * 1024), 2),
+            usage=usage,
+        )
+        trace = self._result.traceback if isinstance(self._result, Failed) else ""
+        if self._stop == _StopKind.TIMEOUT:
+            msg = f"step exceeded timeout_seconds={self._step.timeout_seconds:g}; {self._stop_note or 'it ended'}"
+            return AttemptOutcome(
+                status=Status.TIMED_OUT, reason=Reason.TIMEOUT, error=_error("TimeoutError", msg, trace), **common
+            )
+        if self._stop == _StopKind.CANCEL:
+            msg = f"cancelled by request; {self._stop_note or 'it ended'}"
+            return AttemptOutcome(
+                status=Status.CANCELLED, reason=Reason.CANCELLED, error=_error("CancelledError", msg, trace), **common
+            )
+        if self._violation is not None:
+            return AttemptOutcome(
+                status=Status.FAILED,
+                reason=Reason.PROTOCOL,
+                error=_error("ProtocolError", f"the child broke the protocol: {self._violation}; it was killed", ""),
+                **common,
+            )
+        if isinstance(self._result, Done):
+            return AttemptOutcome(status=Status.SUCCEEDED, output=self._result.output, **common)
+        if isinstance(self._result, Failed):
+            reason = Reason.OUTPUT if self._result.kind == "output" else Reason.EXCEPTION
+            return AttemptOutcome(
+                status=Status.FAILED,
+                reason=reason,
+                error=_error(self._result.type, self._result.message, self._result.traceback),
+                **common,
+            )
+        how = signal_name(returncode) if returncode is not None else "unknown status"
+        tail = "\n".join(self._stderr_tail)
+        msg = f"the step's process ended without a result ({how})"
+        if tail:
+            msg += f"; last stderr lines:\n{tail}"
+        return AttemptOutcome(status=Status.FAILED, reason=Reason.CRASHED, error=_error("ChildCrashed", msg, ""), **common)
+
+    # -- protocol ---------------------------------------------------------
+
+    async def _read_protocol(self, child: ChildProcess, nursery: trio.Nursery) -> None:
+        splitter = LineSplitter(self._max_line)
+        try:
+            while True:
+                data = await child.from_child.receive_some(65536)
+                if not data:
+                    splitter.close()
+                    return
+                for line in splitter.feed(data):
+                    await self._handle(decode_child_message(line), nursery)
+                    if self._violation is not None:
+                        return
+        except ProtocolError as exc:
+            self._protocol_violation(str(exc))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return
+
+    def _protocol_violation(self, message: str) -> None:
+        if self._violation is None:
+            self._violation = message
+        self._settled.set()
+
+    async def _handle(self, msg: ChildMessage, nursery: trio.Nursery) -> None:
+        if not self._ready.is_set():
+            if not isinstance(msg, Ready):
+                return self._protocol_violation(f"expected 'ready' first, got {type(msg).__name__.lower()}")
+            if msg.version != PROTOCOL_VERSION:
+                return self._protocol_violation(f"child speaks protocol {msg.version}, supervisor {PROTOCOL_VERSION}")
+            if msg.pid != self.pid:
+                return self._protocol_violation(f"'ready' claims pid {msg.pid}, the child is pid {self.pid}")
+            self._ready.set()
+            return None
+        if self._result is not None:
+            return self._protocol_violation(f"{type(msg).__name__.lower()} message after the step's result")
+        if isinstance(msg, Log):
+            await self._log(msg.level, "log", msg.message)
+        elif isinstance(msg, Call):
+            if msg.id in self._calls:
+                return self._protocol_violation(f"call id {msg.id} reused while still pending")
+            self._calls.add(msg.id)
+            nursery.start_soon(self._serve_call, msg)
+        elif isinstance(msg, StreamOpen):
+            if msg.id in self._streams or msg.credit < 1 or msg.batch_size < 1:
+                return self._protocol_violation(f"bad stream_open (id {msg.id}, credit {msg.credit}, batch {msg.batch_size})")
+            stream = _ServedStream(msg)
+            self._streams[msg.id] = stream
+            nursery.start_soon(self._serve_stream, stream)
+        elif isinstance(msg, StreamMore):
+            stream = self._streams.get(msg.id)
+            if stream is None or msg.credit < 1:
+                return self._protocol_violation(f"stream_more for unknown stream {msg.id} or bad credit {msg.credit}")
+            stream.grant(msg.credit)
+        elif isinstance(msg, StreamClose):
+            stream = self._streams.get(msg.id)
+            if stream is None:
+                return self._protocol_violation(f"stream_close for unknown stream {msg.id}")
+            stream.close_requested = True
+            stream.grant(1)
+        elif isinstance(msg, Done):
+            size = len(json.dumps(msg.output, ensure_ascii=False).encode("utf-8"))
+            if size > self._start.max_output_bytes:
+                self._result = Failed(
+                    kind="output",
+                    type="OutputError",
+                    message=f"step output is {size} bytes, over the {self._start.max_output_bytes}-byte cap (limits.max_output_kb)",
+                )
+            else:
+                self._result = msg
+            self._settled.set()
+        elif isinstance(msg, Failed):
+            self._result = msg
+            self._settled.set()
+        else:
+            return self._protocol_violation(f"unexpected {type(msg).__name__.lower()} message")
+        return None
+
+    async def _send(self, msg: ParentMessage, *, timeout: float | None = None) -> None:
+        """Send to the child; a send cut short leaves a partial line, so the pipe is then given up."""
+        if self._send_broken:
+            return
+        data = encode(msg, max_line=self._max_line)
+        async with self._send_lock:
+            if self._send_broken or self._child_stream is None:
+                return
+            with trio.CancelScope() as scope:
+                if timeout is not None:
+                    scope.deadline = trio.current_time() + timeout
+                try:
+                    await self._child_stream.send_all(data)
+                    return
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+            self._send_broken = True
+
+    _child_stream: trio.lowlevel.FdStream | None = None
+
+    # -- connectors -------------------------------------------------------
+
+    async def _serve_call(self, msg: Call) -> None:
+        from ..protocol.values import decode_value, encode_exception, encode_value
+
+        try:
+            if self._connectors is None:
+                raise LookupError(
+                    f"connector {msg.connector!r} is not configured: no connectors file was loaded "
+                    "(declare it in connectors.toml)"
+                )
+            if msg.method == "describe":
+                value = self._connectors.describe(msg.connector)
+            else:
+                args = decode_value(msg.args)
+                kwargs = decode_value(msg.kwargs)
+                value = encode_value(
+                    await self._connectors.call(msg.connector, msg.method, args, kwargs, tx=msg.tx)
+                )
+            reply = Reply(id=msg.id, ok=True, value=value)
+        except ProtocolError as exc:
+            self._protocol_violation(f"call {msg.id}: {exc}")
+            return
+        except Exception as exc:  # a connector's failure goes back to the plugin as its own type
+            reply = Reply(id=msg.id, ok=False, error=encode_exception(exc))
+        self._calls.discard(msg.id)
+        await self._send(reply)
+
+    async def _serve_stream(self, stream: _ServedStream) -> None:
+        from ..protocol.values import decode_value, encode_exception, encode_value
+
+        sid: int | None = None
+        try:
+            if self._connectors is None:
+                raise LookupError(f"connector {stream.open.connector!r} is not configured: no connectors file was loaded")
+            sid = await self._connectors.stream_open(
+                stream.open.connector,
+                stream.open.sql,
+                decode_value(stream.open.params),
+                stream.open.batch_size,
+                tx=stream.open.tx,
+            )
+            while True:
+                await stream.take_credit()
+                if stream.close_requested:
+                    return
+                batch = await self._connectors.stream_next(sid)
+                if batch is None:
+                    await self._send(Rows(id=stream.open.id, done=True))
+                    return
+                await self._send(Rows(id=stream.open.id, rows=encode_value(batch)))
+        except ProtocolError as exc:
+            self._protocol_violation(f"stream {stream.open.id}: {exc}")
+        except Exception as exc:  # the driver's error reaches the plugin's `async for`
+            await self._send(Rows(id=stream.open.id, done=True, error=encode_exception(exc)))
+        finally:
+            self._streams.pop(stream.open.id, None)
+            if sid is not None and self._connectors is not None:
+                with trio.CancelScope(shield=True):
+                    await self._connectors.stream_close(sid)
+
+    # -- output, usage, exit ---------------------------------------------
+
+    async def _note(self, level: str, message: str) -> None:
+        await self._emit_raw(level, "system", message)
+
+    async def _log(self, level: str, stream: str, message: str) -> None:
+        size = len(message) + 1
+        if self._log_bytes + size > self._log_cap:
+            if self._log_dropped == 0:
+                await self._emit_raw(
+                    "WARNING",
+                    "system",
+                    f"log cap of {self._step.limits.max_log_mb} MiB reached (limits.max_log_mb); "
+                    "further lines of this attempt are dropped",
+                )
+            self._log_dropped += 1
+            return
+        self._log_bytes += size
+        await self._emit_raw(level, stream, message)
+
+    async def _pump_output(self, stream: trio.abc.ReceiveStream | None, name: str) -> None:
+        level = "INFO" if name == "stdout" else "WARNING"
+        buf = bytearray()
+        try:
+            if stream is None:
+                return
+            while True:
+                try:
+                    data = await stream.receive_some(65536)
+                except (trio.ClosedResourceError, trio.BrokenResourceError):
+                    data = b""
+                if not data:
+                    break
+                buf += data
+                while True:
+                    nl = buf.find(b"\n")
+                    if nl < 0 and len(buf) < MAX_OUTPUT_LINE:
+                        break
+                    cut = nl if 0 <= nl < MAX_OUTPUT_LINE else MAX_OUTPUT_LINE
+                    line = bytes(buf[:cut]).decode("utf-8", "replace")
+                    del buf[: cut + 1 if cut == nl else cut]
+                    await self._output_line(level, name, line)
+            if buf:
+                await self._output_line(level, name, bytes(buf).decode("utf-8", "replace"))
+        finally:
+            self._pumps_left -= 1
+            if self._pumps_left == 0:
+                self._pumps_done.set()
+
+    async def _output_line(self, level: str, name: str, line: str) -> None:
+        if name == "stderr":
+            self._stderr_tail.append(line)
+        await self._log(level, name, line)
+
+    async def _watch_exit(self, pid: int) -> None:
+        pidfd = os.pidfd_open(pid)
+        try:
+            await trio.lowlevel.wait_readable(pidfd)
+        finally:
+            os.close(pidfd)
+        self._sample_cpu(pid)
+        self._exited.set()
+        self._settled.set()
+
+    def _sample_cpu(self, pid: int) -> None:
+        try:
+            t = psutil.Process(pid).cpu_times()
+            self._cpu_s = max(self._cpu_s, t.user + t.system + t.children_user + t.children_system)
+        except psutil.Error:
+            pass
+
+    async def _sample_usage(self, pid: int) -> None:
+        try:
+            root = psutil.Process(pid)
+        except psutil.Error:
+            return
+        await trio.sleep(0.05)
+        while not self._exited.is_set():
+            try:
+                procs = [root, *root.children(recursive=True)]
+            except psutil.Error:
+                procs = []
+            rss = 0
+            for proc in procs:
+                self._seen.setdefault(proc.pid, proc)
+                try:
+                    rss += proc.memory_info().rss
+                except psutil.Error:
+                    pass
+            self._max_procs = max(self._max_procs, len(procs))
+            self._peak_rss = max(self._peak_rss, rss, _vm_hwm(pid))
+            self._sample_cpu(pid)
+            await trio.sleep(USAGE_INTERVAL)
+
+
+class _ServedStream:
+    """Credit-based flow control: at most `credit` batches in flight to the child."""
+
+    def __init__(self, open_msg: StreamOpen) -> None:
+        self.open = open_msg
+        self.credit = open_msg.credit
+        self.close_requested = False
+        self._wake = trio.Event()
+
+    def grant(self, n: int) -> None:
+        self.credit += n
+        self._wake.set()
+
+    async def take_credit(self) -> None:
+        while self.credit <= 0 and not self.close_requested:
+            self._wake = trio.Event()
+            await self._wake.wait()
+        self.credit -= 1
+
+
+def _vm_hwm(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def _error(type_: str, message: str, traceback: str) -> dict[str, str]:
+    return {"type": type_, "message": message, "traceback": traceback}
+
+
+async def _first(*waits: Callable[[], Awaitable[object]]) -> None:
+    """Return as soon as any of the awaitables completes."""
+    async with trio.open_nursery() as nursery:
+        for wait in waits:
+
+            async def one(w: Callable[[], Awaitable[object]] = wait) -> None:
+                await w()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(one)
