@@ -36,7 +36,7 @@ class HistoryStore:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = os.fspath(path)
-        self._lock = __import__("contextlib").nullcontext()
+        self._lock = threading.Lock()
         self._conn = self._open()
 
     # --- lifecycle ------------------------------------------------------

@@ -104,6 +104,7 @@ class AttemptSession:
         self._ready = trio.Event()
         self._settled = trio.Event()
         self._exited = trio.Event()
+        self._protocol_eof = trio.Event()
         self._result: Done | Failed | None = None
         self._violation: str | None = None
         self._stop: str | None = None
@@ -261,6 +262,12 @@ class AttemptSession:
 
     async def _read_protocol(self, child: ChildProcess, nursery: trio.Nursery) -> None:
         splitter = LineSplitter(self._max_line)
+        try:
+            await self._read_lines(child, nursery, splitter)
+        finally:
+            self._protocol_eof.set()
+
+    async def _read_lines(self, child: ChildProcess, nursery: trio.Nursery, splitter: LineSplitter) -> None:
         try:
             while True:
                 data = await child.from_child.receive_some(65536)
@@ -477,6 +484,10 @@ class AttemptSession:
         finally:
             os.close(pidfd)
         self._sample_cpu(pid)
+        # Lines written just before exit may still sit in the pipe; a forked
+        # grandchild can hold the pipe open, so the wait for EOF is bounded.
+        with trio.move_on_after(OUTPUT_DRAIN_TIMEOUT):
+            await self._protocol_eof.wait()
         self._exited.set()
         self._settled.set()
 
