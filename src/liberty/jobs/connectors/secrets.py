@@ -20,16 +20,28 @@ def generate_key() -> str:
 
 def encrypt_secret(plaintext: str, key: str | bytes) -> str:
     """The value to write as `password_encrypted = "..."` (or any `*_encrypted` key)."""
-    return _fernet(key).encrypt(plaintext.encode("utf-8")).decode("ascii")
+    try:
+        return _fernet(key).encrypt(plaintext.encode("utf-8")).decode("ascii")
+    except ValueError as exc:
+        raise ConfigError(str(exc), key=SECRET_KEY_ENV) from None
 
 
 def decrypt_secret(token: str, key: str | bytes) -> str:
     try:
-        return _fernet(key).decrypt(token.encode("ascii")).decode("utf-8")
+        return _decrypt(token, key)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _decrypt(token: str, key: str | bytes) -> str:
+    """Like `decrypt_secret` but with a bare ValueError, for callers that add their own context."""
+    fernet = _fernet(key)
+    try:
+        return fernet.decrypt(token.encode("ascii")).decode("utf-8")
     except (InvalidToken, UnicodeError):
-        raise ConfigError(
+        raise ValueError(
             f"cannot decrypt: the value was not encrypted with this {SECRET_KEY_ENV}, or it is damaged; "
-            "re-create it with `nomaflow connectors encrypt`",
+            "re-create it with `nomaflow connectors encrypt`"
         ) from None
 
 
@@ -37,10 +49,9 @@ def _fernet(key: str | bytes) -> Fernet:
     try:
         return Fernet(key)
     except (ValueError, TypeError):
-        raise ConfigError(
-            f"{SECRET_KEY_ENV} is not a valid key (expected 32 url-safe base64-encoded bytes); "
-            "generate one with: python -c 'from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())'",
-            key=SECRET_KEY_ENV,
+        raise ValueError(
+            f"{SECRET_KEY_ENV} is not a valid key (expected 32 url-safe base64-encoded bytes); generate one with: "
+            "python -c 'from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())'"
         ) from None
 
 

@@ -1,0 +1,244 @@
+"""Benchmarks of the step runner, each reported as a ratio against a baseline
+measured in the same run on this machine (absolute times here are noisy).
+
+    python bench/run.py [--quick] [--json bench/results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import multiprocessing
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from liberty.jobs import Job, Step, Supervisor
+
+HERE = Path(__file__).resolve().parent
+PLUGINS = HERE / "plugins"
+
+
+def _pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+
+
+def _job(fn: str, name: str = "bench", **kw: Any) -> Job:
+    return Job(name=name, steps=[Step(name="s", python=f"bench_steps:{fn}", **kw)])
+
+
+# -- baselines ---------------------------------------------------------------
+
+
+def baseline_cold_interpreter(n: int) -> list[float]:
+    """Spawn -> first line of a fresh `python` that imported asyncio (what a child must at least pay)."""
+    out = []
+    code = "import asyncio, time; print(time.time(), flush=True)"
+    for _ in range(n):
+        t0 = time.time()
+        line = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+        out.append(float(line) - t0)
+    return out
+
+
+def baseline_raw_fork(n: int) -> list[float]:
+    """os.fork() of this warm interpreter -> the child's first line."""
+    out = []
+    for _ in range(n):
+        r, w = os.pipe()
+        t0 = time.time()
+        pid = os.fork()
+        if pid == 0:
+            os.write(w, repr(time.time()).encode())
+            os._exit(0)
+        os.close(w)
+        data = os.read(r, 64)
+        os.close(r)
+        os.waitpid(pid, 0)
+        out.append(float(data) - t0)
+    return out
+
+
+def _noop(_: object = None) -> None:
+    return None
+
+
+def baseline_forkserver_pool(n: int) -> float:
+    """Tasks/s of ProcessPoolExecutor(forkserver, max_tasks_per_child=1): a fresh process per task."""
+    ctx = multiprocessing.get_context("forkserver")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=os.cpu_count(), mp_context=ctx, max_tasks_per_child=1) as pool:
+        list(pool.map(_noop, range(4)))  # warm the fork server
+        t0 = time.perf_counter()
+        list(pool.map(_noop, range(n)))
+        return n / (time.perf_counter() - t0)
+
+
+def baseline_pipe_lines(n: int) -> float:
+    """Lines/s through a raw one-way JSON-lines pipe between two processes."""
+    code = (
+        "import json, sys\n"
+        f"w = sys.stdout.buffer\n"
+        f"for i in range({n}):\n"
+        "    w.write(json.dumps({'t': 'log', 'level': 'INFO', 'message': f'line {i} of the log throughput benchmark, some padding to look like a real line'}).encode() + b'\\n')\n"
+        "w.flush()\n"
+    )
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+    count = 0
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        json.loads(line)
+        count += 1
+    proc.wait()
+    return count / (time.perf_counter() - t0)
+
+
+# -- the runner --------------------------------------------------------------
+
+
+async def runner_start_latency(sup: Supervisor, n: int) -> list[float]:
+    out = []
+    job = _job("first_line")
+    for _ in range(n):
+        t0 = time.time()
+        run = await sup.run(job)
+        assert run.status == "SUCCEEDED", run
+        out.append(run.steps[0].output["t"] - t0)
+    return out
+
+
+async def runner_throughput_sequential(sup: Supervisor, n: int) -> float:
+    job = _job("trivial")
+    t0 = time.perf_counter()
+    for _ in range(n):
+        run = await sup.run(job)
+        assert run.status == "SUCCEEDED", run
+    return n / (time.perf_counter() - t0)
+
+
+async def runner_throughput_concurrent(sup: Supervisor, n: int) -> float:
+    job = _job("trivial")
+    t0 = time.perf_counter()
+    handles = [await sup.start(job) for _ in range(n)]
+    for h in handles:
+        run = await h.wait()
+        assert run.status == "SUCCEEDED", run
+    return n / (time.perf_counter() - t0)
+
+
+async def runner_log_throughput(sup: Supervisor, lines: int) -> float:
+    job = _job("chatty", limits={"max_log_mb": 1024})  # type: ignore[arg-type]
+    t0 = time.perf_counter()
+    run = await sup.run(job, {"lines": lines})
+    assert run.status == "SUCCEEDED", run
+    elapsed = time.perf_counter() - t0
+    stored = len(sup.store.logs(run.run_id, limit=lines + 10))
+    assert stored >= lines, (stored, lines)
+    return lines / elapsed
+
+
+async def runner_idle_rss_and_cancel(sup: Supervisor, n: int) -> tuple[float, list[float]]:
+    import psutil
+
+    me = psutil.Process()
+    job = _job("idle", cancel_grace_seconds=5.0)
+    before = me.memory_info().rss
+    handles = [await sup.start(job) for _ in range(n)]
+    await trio.sleep(3.0 + n * 0.02)
+    during = me.memory_info().rss
+    latencies = []
+    t0 = time.perf_counter()
+    for h in handles:
+        await sup.cancel(h.run_id)
+    for h in handles:
+        await h.wait()
+        latencies.append(time.perf_counter() - t0)
+    return (during - before) / n / (1024 * 1024), latencies
+
+
+async def _bench(args: argparse.Namespace) -> dict[str, Any]:
+    from liberty.jobs.config import Limits
+
+    global _job
+
+    def _job(fn: str, name: str = "bench", limits: dict[str, Any] | None = None, **kw: Any) -> Job:  # noqa: F811
+        return Job(name=name, steps=[Step(name="s", python=f"bench_steps:{fn}", limits=Limits(**(limits or {})), **kw)])
+
+    n = 10 if args.quick else 50
+    results: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}}
+    with tempfile.TemporaryDirectory() as tmp:
+        async with Supervisor(plugins=PLUGINS, history=os.path.join(tmp, "bench.db")) as sup:
+            await sup.run(_job("trivial"))  # warm-up
+            lat = await runner_start_latency(sup, n)
+            cold = baseline_cold_interpreter(n)
+            fork = baseline_raw_fork(n)
+            results["start_latency"] = {
+                "runner_p50_ms": statistics.median(lat) * 1000,
+                "runner_p95_ms": _pct(lat, 0.95) * 1000,
+                "cold_python_p50_ms": statistics.median(cold) * 1000,
+                "raw_fork_p50_ms": statistics.median(fork) * 1000,
+                "ratio_p50_vs_cold_python": statistics.median(lat) / statistics.median(cold),
+                "ratio_p50_vs_raw_fork": statistics.median(lat) / statistics.median(fork),
+                "target_ratio_p50_vs_raw_fork": 3.0,
+            }
+            m = 20 if args.quick else 100
+            seq = await runner_throughput_sequential(sup, m)
+            conc = await runner_throughput_concurrent(sup, m)
+            pool = baseline_forkserver_pool(m)
+            results["throughput"] = {
+                "runner_sequential_steps_per_s": seq,
+                "runner_concurrent_steps_per_s": conc,
+                "forkserver_pool_tasks_per_s": pool,
+                "ratio_sequential_vs_pool": seq / pool,
+                "ratio_concurrent_vs_pool": conc / pool,
+                "target_ratio": 2.0,
+            }
+            lines = 20_000 if args.quick else 100_000
+            logs = await runner_log_throughput(sup, lines)
+            raw = baseline_pipe_lines(lines)
+            results["log_throughput"] = {
+                "runner_lines_per_s": logs,
+                "raw_pipe_lines_per_s": raw,
+                "ratio_vs_raw_pipe": logs / raw,
+                "target_ratio": 0.5,
+            }
+            if not args.skip_concurrency:
+                k = 50 if args.quick else 200
+                rss_per_step, cancel = await runner_idle_rss_and_cancel(sup, k)
+                results["concurrency"] = {
+                    "concurrent_idle_steps": k,
+                    "supervisor_rss_mib_per_idle_step": rss_per_step,
+                    "target_rss_mib_per_step": 2.0,
+                    "cancel_latency_p50_ms": statistics.median(cancel) * 1000,
+                    "cancel_latency_max_ms": max(cancel) * 1000,
+                    "target_cancel_ms": 100.0,
+                }
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run)")
+    parser.add_argument("--skip-concurrency", action="store_true", help="skip the 200-concurrent-steps section")
+    parser.add_argument("--json", default=str(HERE / "results.json"), help="where to write the results")
+    args = parser.parse_args()
+    results = trio.run(_bench, args)
+    for section, values in results.items():
+        print(f"[{section}]")
+        for key, value in values.items():
+            print(f"  {key:40s} {value:.3f}" if isinstance(value, float) else f"  {key:40s} {value}")
+    Path(args.json).write_text(json.dumps(results, indent=2))
+    print(f"results written to {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""prctl and capability calls the sandbox and the supervisor both need."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+PR_SET_DUMPABLE = 4
+PR_GET_DUMPABLE = 3
+PR_CAPBSET_DROP = 24
+PR_SET_SECUREBITS = 28
+PR_GET_SECUREBITS = 27
+PR_SET_NO_NEW_PRIVS = 38
+PR_GET_NO_NEW_PRIVS = 39
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+PR_SET_CHILD_SUBREAPER = 36
+PR_GET_CHILD_SUBREAPER = 37
+
+# noroot + no_setuid_fixup + keep_caps_locked + no_cap_ambient_raise, each with its lock bit
+_SECURE_NOROOT_ALL = 0x01 | 0x02 | 0x04 | 0x08 | 0x20 | 0x40 | 0x80
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int:
+    result = _libc.prctl(
+        ctypes.c_int(option), ctypes.c_ulong(arg2), ctypes.c_ulong(arg3), ctypes.c_ulong(arg4), ctypes.c_ulong(arg5)
+    )
+    if result < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl({option}): {os.strerror(err)}")
+    return result
+
+
+def set_dumpable(on: bool) -> None:
+    """Off: same-uid processes without CAP_SYS_PTRACE can no longer ptrace us or read /proc/<pid>/environ|mem."""
+    prctl(PR_SET_DUMPABLE, 1 if on else 0)
+
+
+def is_dumpable() -> bool:
+    return prctl(PR_GET_DUMPABLE) == 1
+
+
+def set_no_new_privs() -> None:
+    """Irreversible: execve can no longer grant privileges (setuid bits, file capabilities)."""
+    prctl(PR_SET_NO_NEW_PRIVS, 1)
+
+
+def has_no_new_privs() -> bool:
+    return prctl(PR_GET_NO_NEW_PRIVS) == 1
+
+
+def _last_cap() -> int:
+    try:
+        with open("/proc/sys/kernel/cap_last_cap") as f:
+            return int(f.read())
+    except OSError:
+        return 40
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+
+def drop_capabilities() -> None:
+    """Drop every capability for good, staying at the current uid.
+
+    The bounding set is emptied first (needs CAP_SETPCAP) so a later execve
+    cannot hand root its capabilities back; securebits make uid 0 ordinary.
+    """
+    try:
+        prctl(PR_SET_SECUREBITS, _SECURE_NOROOT_ALL)
+    except PermissionError:
+        pass  # no CAP_SETPCAP: nothing to guard, we hold no capabilities worth keeping
+    for cap in range(_last_cap() + 1):
+        try:
+            prctl(PR_CAPBSET_DROP, cap)
+        except PermissionError:
+            break
+        except OSError:
+            continue
+    try:
+        prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
+    except OSError:
+        pass
+    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    if _libc.capset(ctypes.byref(header), data) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"capset: {os.strerror(err)}")
+
+
+def effective_capabilities() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("CapEff:"):
+                return int(line.split()[1], 16)
+    return 0
+
+
+def bounding_capabilities() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("CapBnd:"):
+                return int(line.split()[1], 16)
+    return 0

@@ -1,0 +1,166 @@
+"""Plugin resolution per the spec's table, each import in a fresh interpreter as the child does it."""
+
+from __future__ import annotations
+
+import json
+import os
+import py_compile
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+_RESOLVE = """
+import json, sys
+from liberty.jobs.child.loader import install_plugins_path, resolve_function
+plugins, ref = sys.argv[1], sys.argv[2]
+install_plugins_path(plugins)
+try:
+    func = resolve_function(ref, plugins)
+except BaseException as exc:
+    print(json.dumps({"error": type(exc).__name__, "message": str(exc), "mro": [c.__name__ for c in type(exc).__mro__]}))
+else:
+    print(json.dumps({"module_file": sys.modules[func.__module__].__file__, "result": func(), "path0": sys.path[0]}))
+"""
+
+
+def resolve(plugins: Path, ref: str) -> dict[str, Any]:
+    """Resolve `ref` in a new interpreter (no module cache, like every attempt's child) and call it."""
+    proc = subprocess.run(
+        [sys.executable, "-P", "-c", _RESOLVE, str(plugins), ref],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=plugins.parent,
+        env={k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def put(plugins: Path, relpath: str, source: str) -> Path:
+    path = plugins / relpath
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(source))
+    return path
+
+
+@pytest.fixture
+def plugins(tmp_path: Path) -> Path:
+    path = tmp_path / "plugins"
+    path.mkdir()
+    return path
+
+
+def test_dotted_module_path_resolves_to_the_file_in_the_package(plugins: Path) -> None:
+    put(plugins, "reports/__init__.py", "")
+    summary = put(plugins, "reports/summary.py", "def generate_monthly():\n    return 'summary'\n")
+    got = resolve(plugins, "reports.summary:generate_monthly")
+    assert got["result"] == "summary" and Path(got["module_file"]) == summary
+
+
+def test_short_reference_resolves_through_the_package_init(plugins: Path) -> None:
+    init = put(plugins, "housekeeping/__init__.py", "def prune_attachments():\n    return 'package'\n")
+    got = resolve(plugins, "housekeeping:prune_attachments")
+    assert got["result"] == "package" and Path(got["module_file"]) == init
+
+
+def test_short_reference_resolves_through_a_module_file(plugins: Path) -> None:
+    module = put(plugins, "housekeeping.py", "def prune_attachments():\n    return 'module'\n")
+    got = resolve(plugins, "housekeeping:prune_attachments")
+    assert got["result"] == "module" and Path(got["module_file"]) == module
+
+
+def test_package_init_may_re_export_from_a_sibling_package(plugins: Path) -> None:
+    put(plugins, "reports/__init__.py", "")
+    put(plugins, "reports/housekeeping.py", "def prune_attachments():\n    return 'reexported'\n")
+    put(plugins, "housekeeping/__init__.py", "from reports.housekeeping import prune_attachments\n")
+    assert resolve(plugins, "housekeeping:prune_attachments")["result"] == "reexported"
+
+
+def test_plugins_dir_is_first_on_sys_path(plugins: Path) -> None:
+    put(plugins, "m.py", "def f():\n    return 1\n")
+    assert resolve(plugins, "m:f")["path0"] == str(plugins)
+
+
+def test_plugin_shadows_an_installed_module_of_the_same_name(plugins: Path) -> None:
+    put(plugins, "psutil.py", "def f():\n    return 'plugin psutil'\n")
+    assert resolve(plugins, "psutil:f")["result"] == "plugin psutil"
+
+
+def test_missing_function_is_an_import_error_naming_it(plugins: Path) -> None:
+    put(plugins, "m.py", "def f():\n    return 1\n")
+    got = resolve(plugins, "m:nope")
+    assert got["error"] == "ImportError"
+    assert "nope" in got["message"] and "m:nope" in got["message"]
+
+
+def test_non_callable_attribute_is_an_import_error(plugins: Path) -> None:
+    put(plugins, "m.py", "f = 42\n")
+    got = resolve(plugins, "m:f")
+    assert got["error"] == "ImportError" and "int" in got["message"]
+
+
+def test_missing_module_is_module_not_found_naming_the_plugins_dir(plugins: Path) -> None:
+    got = resolve(plugins, "nosuch.module:f")
+    assert got["error"] == "ModuleNotFoundError"
+    assert "nosuch" in got["message"] and str(plugins) in got["message"]
+
+
+def test_missing_submodule_is_module_not_found_naming_the_plugins_dir(plugins: Path) -> None:
+    put(plugins, "reports/__init__.py", "")
+    got = resolve(plugins, "reports.nosuch:f")
+    assert got["error"] == "ModuleNotFoundError"
+    assert "reports.nosuch" in got["message"] and str(plugins) in got["message"]
+
+
+def test_missing_dependency_of_a_plugin_is_not_blamed_on_the_plugins_dir(plugins: Path) -> None:
+    """`dbtools` importing an uninstalled `db` is a missing dependency, not a missing plugin module."""
+    put(plugins, "dbtools.py", "import db\ndef f():\n    return 1\n")
+    got = resolve(plugins, "dbtools:f")
+    assert got["error"] == "ModuleNotFoundError" and "'db'" in got["message"]
+    assert "in the plugins directory" not in got["message"]
+
+
+def test_missing_dependency_keeps_its_own_message(plugins: Path) -> None:
+    put(plugins, "steps.py", "import not_installed_dependency_xyz\ndef f():\n    return 1\n")
+    got = resolve(plugins, "steps:f")
+    assert got["error"] == "ModuleNotFoundError" and "not_installed_dependency_xyz" in got["message"]
+
+
+def test_import_time_error_of_a_plugin_propagates_with_its_type(plugins: Path) -> None:
+    put(plugins, "broken.py", "raise ValueError('bad config at import')\n")
+    got = resolve(plugins, "broken:f")
+    assert got["error"] == "ValueError" and "bad config at import" in got["message"]
+
+
+@pytest.mark.parametrize("ref", ["m", "m:", ":f", "m.f"])
+def test_malformed_reference_is_an_import_error(plugins: Path, ref: str) -> None:
+    put(plugins, "m.py", "def f():\n    return 1\n")
+    assert "ImportError" in resolve(plugins, ref)["mro"]
+
+
+def test_edit_with_same_size_and_same_mtime_is_picked_up(plugins: Path) -> None:
+    path = put(plugins, "edited.py", "def f():\n    return 111\n")
+    py_compile.compile(str(path))  # a stale-able __pycache__ entry, as a previous run would leave
+    assert resolve(plugins, "edited:f")["result"] == 111
+    before = path.stat()
+    path.write_text("def f():\n    return 222\n")
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = path.stat()
+    assert (after.st_size, int(after.st_mtime)) == (before.st_size, int(before.st_mtime))
+    assert resolve(plugins, "edited:f")["result"] == 222
+
+
+def test_edit_in_a_package_module_is_picked_up(plugins: Path) -> None:
+    put(plugins, "pkg/__init__.py", "")
+    path = put(plugins, "pkg/mod.py", "def f():\n    return 'one'\n")
+    py_compile.compile(str(path))
+    assert resolve(plugins, "pkg.mod:f")["result"] == "one"
+    before = path.stat()
+    path.write_text("def f():\n    return 'two'\n")
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert resolve(plugins, "pkg.mod:f")["result"] == "two"
