@@ -86,6 +86,7 @@ class Settings:
     plugins: str = "plugins"
     history: str = ".nomaflow/history.db"
     connectors: str = "connectors.toml"
+    start_mode: Literal["zygote", "spawn"] = "zygote"
     defaults: dict[str, Any] = attrs.field(factory=dict)
 
     @classmethod

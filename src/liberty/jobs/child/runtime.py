@@ -25,7 +25,11 @@ def main() -> None:
             file=sys.stderr,
         )
         sys.exit(2)
-    fd_in, fd_out = adopt_protocol_fds(spec)
+    serve(*adopt_protocol_fds(spec))
+
+
+def serve(fd_in: int, fd_out: int) -> None:
+    """Handshake, run one attempt, exit; shared by spawned and zygote-forked children."""
     channel = Channel(fd_in, fd_out)
     channel.send(Ready(version=PROTOCOL_VERSION, pid=os.getpid()))
     start = channel.receive()

@@ -5,16 +5,31 @@ are explicit BEGIN/COMMIT, so a statement outside `transaction()` is durable
 when it returns, as on PostgreSQL.  `:memory:` is one connection shared by
 every step for the registry's lifetime: a stream or transaction holds it, and
 other calls wait for it (bounded by the call timeout).
+
+`:memory:` has no I/O and no locks to wait for, so a single statement outside
+a transaction first runs inline on the event loop under a small CPU budget
+(a progress handler); past the budget SQLite aborts it, which undoes it
+entirely in autocommit mode, and it is re-run on a worker thread.  This saves
+the thread hop that would otherwise dominate a `scalar("SELECT 1")`.  A
+connection that ever ATTACHes a file database loses the fast path.
 """
 
 from __future__ import annotations
 
 import sqlite3
 import threading
-from typing import Any
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import trio
 
 from ._sql import Row, SqlBackend, single_mapping
 from .config import SqliteConfig
+
+T = TypeVar("T")
+INLINE_BUDGET_SECONDS = 0.002
+_MISS: Any = object()
 
 
 class SqliteBackend(SqlBackend):
@@ -25,6 +40,58 @@ class SqliteBackend(SqlBackend):
         self._guard = threading.Lock()
         self._idle: list[sqlite3.Connection] = []
         self._all: list[sqlite3.Connection] = []
+        self._attached = False
+        self._inline = False
+        self._inline_ops = {self.op_execute, self.op_scalar, self.op_fetch, self.op_fetchrow}
+
+    async def run_once(self, op: Callable[..., T], *args: Any) -> T:
+        if self._memory and not self._attached and op in self._inline_ops:
+            result = self._run_inline(op, args)
+            if result is not _MISS:
+                return result
+        return await super().run_once(op, *args)
+
+    def _run_inline(self, op: Callable[..., T], args: tuple[Any, ...]) -> Any:
+        try:
+            self._slots.acquire_nowait()
+        except trio.WouldBlock:
+            return _MISS  # a transaction or stream holds the connection
+        try:
+            conn = self._get()
+            try:
+                if conn.in_transaction:
+                    return _MISS
+                deadline = time.perf_counter() + INLINE_BUDGET_SECONDS
+                over: list[bool] = []
+
+                def out_of_budget() -> bool:
+                    if time.perf_counter() > deadline:
+                        over.append(True)
+                        return True
+                    return False
+
+                conn.set_progress_handler(out_of_budget, 1000)
+                self._inline = True
+                try:
+                    return op(conn, *args)
+                except sqlite3.DatabaseError:
+                    if over or self._attached:
+                        return _MISS
+                    raise
+                finally:
+                    self._inline = False
+                    conn.set_progress_handler(None, 0)
+            finally:
+                self._put(conn)
+        finally:
+            self._slots.release()
+
+    def _authorize(self, action: int, *_: Any) -> int:
+        if action == sqlite3.SQLITE_ATTACH:
+            self._attached = True
+            if self._inline:
+                return sqlite3.SQLITE_DENY  # refused inline only; the thread re-run is allowed
+        return sqlite3.SQLITE_OK
 
     def _get(self) -> sqlite3.Connection:
         with self._guard:
@@ -36,6 +103,8 @@ class SqliteBackend(SqlBackend):
             isolation_level=None,
             check_same_thread=False,
         )
+        if self._memory:
+            conn.set_authorizer(self._authorize)
         with self._guard:
             self._all.append(conn)
         return conn

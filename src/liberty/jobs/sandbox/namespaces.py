@@ -13,6 +13,8 @@ import os
 import socket
 import struct
 
+from . import prctl
+
 CLONE_NEWNET = 0x40000000
 CLONE_NEWUSER = 0x10000000
 _SIOCGIFFLAGS = 0x8913
@@ -37,16 +39,24 @@ def enter_user_namespace() -> None:
     """Become root of a new user namespace, mapped to our own ids (no other id is reachable)."""
     uid, gid = os.geteuid(), os.getegid()
     unshare(CLONE_NEWUSER)
-    _write("/proc/self/setgroups", "deny")
-    _write("/proc/self/uid_map", f"{uid} {uid} 1\n")
-    _write("/proc/self/gid_map", f"{gid} {gid} 1\n")
+    # After a uid change the process is undumpable and /proc/self/* belongs to root: not writable by us.
+    was_dumpable = prctl.is_dumpable()
+    if not was_dumpable:
+        prctl.set_dumpable(True)
+    try:
+        _write("/proc/self/setgroups", "deny")
+        _write("/proc/self/uid_map", f"{uid} {uid} 1\n")
+        _write("/proc/self/gid_map", f"{gid} {gid} 1\n")
+    finally:
+        if not was_dumpable:
+            prctl.set_dumpable(False)
 
 
 def loopback_up() -> None:
     """A fresh netns has `lo` down; bring it up so 127.0.0.1 works inside."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         req = struct.pack("16sh", b"lo", 0)
-        flags = struct.unpack("16sh", fcntl.ioctl(s.fileno(), _SIOCGIFFLAGS, req + b"\0" * 22))[1]
+        flags = struct.unpack_from("16sh", fcntl.ioctl(s.fileno(), _SIOCGIFFLAGS, req + b"\0" * 22))[1]
         fcntl.ioctl(s.fileno(), _SIOCSIFFLAGS, struct.pack("16sh", b"lo", flags | _IFF_UP) + b"\0" * 22)
 
 

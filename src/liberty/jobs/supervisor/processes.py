@@ -72,7 +72,9 @@ def kill_tree(
         found = descendants(root_pid) + [p for p in known if p.pid not in victims]
         if token:
             found.extend(_adopted_with_token(token, spare_set | {root_pid}))
-        new = [p for p in found if p.pid not in victims and p.pid not in spare_set and p.pid != os.getpid()]
+        new = [
+            p for p in found if p.pid not in victims and p.pid not in spare_set and p.pid not in (os.getpid(), root_pid)
+        ]
         if not new:
             break
         for proc in new:

@@ -7,12 +7,13 @@ cancel poller; any number of runs execute concurrently inside its nursery.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import attrs
 import psutil
@@ -26,6 +27,11 @@ from ..types import Status
 from .logsink import LogSink
 from .processes import become_subreaper
 from .session import AttemptOutcome, AttemptSession
+from .spawn import ChildHandle, child_environment, spawn_child
+from .zygote import Zygote, ZygoteError
+
+_log = logging.getLogger(__name__)
+StartMode = Literal["zygote", "spawn"]
 
 CANCEL_POLL_INTERVAL = 0.2
 
@@ -59,14 +65,20 @@ class Supervisor:
         *,
         session_user: str = "api",
         on_log: Callable[[LogLine], None] | None = None,
+        start_mode: StartMode = "zygote",
     ) -> None:
+        if start_mode not in ("zygote", "spawn"):
+            raise ConfigError(f"start_mode must be 'zygote' or 'spawn', got {start_mode!r}", key="start_mode")
+        self.start_mode: StartMode = start_mode
+        self.start_mode_note = ""
+        self._zygote: Zygote | None = None
         self.plugins = Path(plugins).resolve()
         self.history_path = str(history)
         self.connectors_path = Path(connectors) if connectors is not None else None
         self.session_user = session_user
         self._listeners = [on_log] if on_log else []
         self._active: dict[str, RunHandle] = {}
-        self._attempt_pids: set[int] = set()
+        self._sessions: set[AttemptSession] = set()
         self._stack: contextlib.AsyncExitStack | None = None
         self._nursery: trio.Nursery | None = None
         self._store: HistoryStore | None = None
@@ -81,10 +93,18 @@ class Supervisor:
                 "plugins directory not found; create it or point `plugins` in nomaflow.toml at it",
                 file=str(self.plugins),
             )
-        become_subreaper()
+        subreaper = become_subreaper()
         stack = contextlib.AsyncExitStack()
         await stack.__aenter__()
         try:
+            if self.start_mode == "zygote":
+                if subreaper:
+                    self._zygote = Zygote(child_environment(workdir="/"))
+                    stack.push_async_callback(self._zygote.aclose)
+                else:
+                    self.start_mode = "spawn"
+                    self.start_mode_note = "zygote unavailable: this process cannot be a child subreaper; spawning instead"
+                    _log.warning(self.start_mode_note)
             self._store = await trio.to_thread.run_sync(HistoryStore, self.history_path)
             stack.callback(self._store.close)
             await self._mark_lost_runs()
@@ -129,6 +149,22 @@ class Supervisor:
                 store.mark_lost(lost, message="the supervisor running this step died (its process is gone)")
 
         await trio.to_thread.run_sync(mark)
+
+    def _live_pids(self) -> set[int]:
+        """Processes no attempt's cleanup may touch: other attempts' roots and the zygote."""
+        pids = {s.pid for s in self._sessions if s.pid is not None}
+        if self._zygote is not None and self._zygote.pid is not None:
+            pids.add(self._zygote.pid)
+        return pids
+
+    async def _start_child(self, *, workdir: str, env: dict[str, str]) -> ChildHandle:
+        if self._zygote is not None:
+            try:
+                return await self._zygote.fork(workdir=workdir, env=env)
+            except (ZygoteError, OSError) as exc:
+                self.start_mode_note = f"zygote failed ({exc}); this attempt was spawned instead"
+                _log.warning(self.start_mode_note)
+        return await spawn_child(workdir=workdir, env=env)
 
     # -- public API -------------------------------------------------------
 
@@ -337,13 +373,14 @@ class Supervisor:
                 emit=emit,
                 cancel=handle.cancel_event,
                 connectors=scope,
-                spare_pids=lambda: set(self._attempt_pids),
+                spare_pids=self._live_pids,
+                start_child=self._start_child,
             )
+            self._sessions.add(session)
             try:
                 outcome = await session.run()
             finally:
-                if session.pid is not None:
-                    self._attempt_pids.discard(session.pid)
+                self._sessions.discard(session)
         if outcome.error and outcome.status != Status.SUCCEEDED:
             await emit("ERROR", "system", f"attempt {attempt} {outcome.status} ({outcome.reason}): {outcome.error['type']}: {outcome.error['message']}")
         return outcome

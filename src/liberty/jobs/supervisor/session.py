@@ -49,10 +49,13 @@ from ..protocol import (
 )
 from ..types import Reason, Status
 from .processes import kill_tree, signal_name
-from .spawn import ChildProcess, child_environment, spawn_child
+from .spawn import ChildHandle, child_environment, spawn_child
 
 Emit = Callable[[str, str, str], Awaitable[None]]
 """(level, stream, message) -> appended to the run log; may apply backpressure."""
+
+StartChild = Callable[..., Awaitable[ChildHandle]]
+"""(workdir=, env=) -> a started child; `spawn_child` or a zygote's `fork`."""
 
 STARTUP_TIMEOUT = 60.0
 EXIT_AFTER_RESULT_TIMEOUT = 5.0
@@ -90,7 +93,9 @@ class AttemptSession:
         cancel: trio.Event,
         connectors: Any | None = None,
         spare_pids: Callable[[], set[int]] = set,
+        start_child: StartChild = spawn_child,
     ) -> None:
+        self._start_child = start_child
         self._start = start
         self._step = step
         self._emit_raw = emit
@@ -132,7 +137,7 @@ class AttemptSession:
         try:
             env = child_environment(workdir=workdir, token=self._token)
             try:
-                child = await spawn_child(workdir=workdir, env=env)
+                child = await self._start_child(workdir=workdir, env=env)
             except OSError as exc:
                 return AttemptOutcome(
                     status=Status.FAILED,
@@ -144,8 +149,8 @@ class AttemptSession:
             self._child_stream = child.to_child
             try:
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._pump_output, child.process.stdout, "stdout")
-                    nursery.start_soon(self._pump_output, child.process.stderr, "stderr")
+                    nursery.start_soon(self._pump_output, child.stdout, "stdout")
+                    nursery.start_soon(self._pump_output, child.stderr, "stderr")
                     nursery.start_soon(self._read_protocol, child, nursery)
                     nursery.start_soon(self._watch_exit, child.pid)
                     nursery.start_soon(self._sample_usage, child.pid)
@@ -157,11 +162,11 @@ class AttemptSession:
             finally:
                 with trio.CancelScope(shield=True):
                     self._kill(child)
-                    returncode = await child.process.wait()
+                    try:
+                        returncode = await child.wait()
+                    except ChildProcessError as exc:
+                        await self._note("WARNING", f"could not collect the child's exit status: {exc}")
                     await child.aclose()
-                    for stream in (child.process.stdout, child.process.stderr):
-                        if stream is not None:
-                            await stream.aclose()
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
         if self._log_dropped:
@@ -170,7 +175,7 @@ class AttemptSession:
             )
         return self._outcome(returncode, time.monotonic() - t0)
 
-    async def _drive(self, child: ChildProcess, t0: float) -> None:
+    async def _drive(self, child: ChildHandle, t0: float) -> None:
         with trio.move_on_after(STARTUP_TIMEOUT):
             await _first(self._ready.wait, self._settled.wait)
         if self._settled.is_set():
@@ -209,7 +214,7 @@ class AttemptSession:
         await self._note("WARNING", f"still running after the {grace:g} s grace period; killing its process tree")
         self._stop_note = f"its process tree was killed after the {grace:g} s grace period"
 
-    def _kill(self, child: ChildProcess) -> None:
+    def _kill(self, child: ChildHandle) -> None:
         kill_tree(child.pid, token=self._token, known=self._seen.values(), spare=self._spare_pids() - {child.pid})
 
     # -- outcome ----------------------------------------------------------
@@ -260,14 +265,14 @@ class AttemptSession:
 
     # -- protocol ---------------------------------------------------------
 
-    async def _read_protocol(self, child: ChildProcess, nursery: trio.Nursery) -> None:
+    async def _read_protocol(self, child: ChildHandle, nursery: trio.Nursery) -> None:
         splitter = LineSplitter(self._max_line)
         try:
             await self._read_lines(child, nursery, splitter)
         finally:
             self._protocol_eof.set()
 
-    async def _read_lines(self, child: ChildProcess, nursery: trio.Nursery, splitter: LineSplitter) -> None:
+    async def _read_lines(self, child: ChildHandle, nursery: trio.Nursery, splitter: LineSplitter) -> None:
         try:
             while True:
                 data = await child.from_child.receive_some(65536)
@@ -443,12 +448,10 @@ class AttemptSession:
         self._log_bytes += size
         await self._emit_raw(level, stream, message)
 
-    async def _pump_output(self, stream: trio.abc.ReceiveStream | None, name: str) -> None:
+    async def _pump_output(self, stream: trio.abc.ReceiveStream, name: str) -> None:
         level = "INFO" if name == "stdout" else "WARNING"
         buf = bytearray()
         try:
-            if stream is None:
-                return
             while True:
                 try:
                     data = await stream.receive_some(65536)
@@ -478,7 +481,12 @@ class AttemptSession:
         await self._log(level, name, line)
 
     async def _watch_exit(self, pid: int) -> None:
-        pidfd = os.pidfd_open(pid)
+        try:
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            self._exited.set()
+            self._settled.set()
+            return
         try:
             await trio.lowlevel.wait_readable(pidfd)
         finally:

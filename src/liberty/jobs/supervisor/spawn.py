@@ -1,10 +1,18 @@
-"""Starting a child interpreter for one attempt, with a scrubbed environment."""
+"""Starting a child interpreter for one attempt, with a scrubbed environment.
+
+Two ways, one result (a `ChildHandle`): `spawn_child` starts a fresh
+`python -m liberty.jobs.child`; the zygote (`supervisor/zygote.py`) forks a
+warm one.  Either way the child gets the protocol pipes, its own stdout and
+stderr pipes, its own session, the environment given, and the work directory.
+"""
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import attrs
@@ -17,10 +25,10 @@ from .processes import ATTEMPT_TOKEN_ENV
 
 _PACKAGE_ROOT = str(Path(liberty.jobs.__file__).resolve().parents[2])
 _SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
-_PASSTHROUGH = ("TZ", "LANG", "LC_ALL")
+_PASSTHROUGH = ("TZ", "LC_ALL")
 
 
-def child_environment(*, workdir: str, token: str, extra: dict[str, str] | None = None) -> dict[str, str]:
+def child_environment(*, workdir: str, token: str | None = None, extra: dict[str, str] | None = None) -> dict[str, str]:
     """An allowlist, never a copy: the supervisor's own variables may hold secrets."""
     env = {
         "PATH": _SAFE_PATH,
@@ -31,34 +39,44 @@ def child_environment(*, workdir: str, token: str, extra: dict[str, str] | None 
         "PYTHONDONTWRITEBYTECODE": "1",
         "PYTHONIOENCODING": "utf-8:backslashreplace",
         "LANG": "C.UTF-8",
-        ATTEMPT_TOKEN_ENV: token,
     }
+    if token is not None:
+        env[ATTEMPT_TOKEN_ENV] = token
     for key in _PASSTHROUGH:
-        if key in os.environ and key != "LANG":
+        if key in os.environ:
             env[key] = os.environ[key]
     env.update(extra or {})
     return env
 
 
 @attrs.define
-class ChildProcess:
-    process: trio.Process
+class ChildHandle:
+    """One attempt's process and its four pipes, however it was started."""
+
+    pid: int
     to_child: trio.lowlevel.FdStream
     from_child: trio.lowlevel.FdStream
+    stdout: trio.abc.ReceiveStream
+    stderr: trio.abc.ReceiveStream
+    _wait: Callable[[], Awaitable[int]]
 
-    @property
-    def pid(self) -> int:
-        return self.process.pid
+    async def wait(self) -> int:
+        """Reap the process; the Popen-style return code (negative for a signal)."""
+        return await self._wait()
 
     async def aclose(self) -> None:
-        for stream in (self.to_child, self.from_child):
+        for stream in (self.to_child, self.from_child, self.stdout, self.stderr):
             await stream.aclose()
 
 
-async def spawn_child(*, workdir: str, env: dict[str, str]) -> ChildProcess:
+def child_pipes() -> tuple[tuple[int, int], tuple[int, int]]:
+    """(to_child_r, to_child_w), (from_child_r, from_child_w); all close-on-exec."""
+    return os.pipe(), os.pipe()
+
+
+async def spawn_child(*, workdir: str, env: dict[str, str]) -> ChildHandle:
     """Start `python -m liberty.jobs.child` in its own session with the protocol pipes."""
-    to_child_r, to_child_w = os.pipe()
-    from_child_r, from_child_w = os.pipe()
+    (to_child_r, to_child_w), (from_child_r, from_child_w) = child_pipes()
     child_fds = (to_child_r, from_child_w)
     try:
         process = await trio.lowlevel.open_process(
@@ -77,4 +95,39 @@ async def spawn_child(*, workdir: str, env: dict[str, str]) -> ChildProcess:
         raise
     for fd in child_fds:
         os.close(fd)
-    return ChildProcess(process, trio.lowlevel.FdStream(to_child_w), trio.lowlevel.FdStream(from_child_r))
+    assert process.stdout is not None and process.stderr is not None
+    return ChildHandle(
+        process.pid,
+        trio.lowlevel.FdStream(to_child_w),
+        trio.lowlevel.FdStream(from_child_r),
+        process.stdout,
+        process.stderr,
+        process.wait,
+    )
+
+
+async def reap_adopted(pid: int) -> int:
+    """Wait for and reap a process that re-parented to us (we are its subreaper).
+
+    Right after it was forked its parent may not have exited yet, so ECHILD
+    for a short while means "not ours yet", not "gone".
+    """
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        raise ChildProcessError(f"process {pid} is already gone (reaped elsewhere)") from None
+    try:
+        await trio.lowlevel.wait_readable(pidfd)
+    finally:
+        os.close(pidfd)
+    for _ in range(200):
+        try:
+            got, status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError as exc:
+            if exc.errno != errno.ECHILD:
+                raise
+            got, status = 0, 0
+        if got == pid:
+            return os.waitstatus_to_exitcode(status)
+        await trio.sleep(0.01)
+    raise ChildProcessError(f"process {pid} exited but never became our child to reap")

@@ -1,0 +1,118 @@
+"""The zygote: a warm, clean child runtime that forks one process per attempt.
+
+It imports asyncio and the child runtime and nothing else: no plugin, no
+connector, no credential, no supervisor state.  It runs no threads, so a fork
+is safe.  Each request arrives on a SOCK_SEQPACKET control socket with four
+file descriptors (protocol in/out, stdout, stderr) passed by SCM_RIGHTS; the
+zygote double-forks so the attempt re-parents to the supervisor (a child
+subreaper) which then waits for it like any child of its own.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio  # noqa: F401  (preloaded: the point of the zygote)
+import json
+import os
+import random
+import socket
+import struct
+import sys
+
+from . import channel as _channel  # noqa: F401
+from . import context as _context  # noqa: F401
+from . import loader as _loader  # noqa: F401
+from . import runtime
+
+ZYGOTE_FD_ENV = "NOMAFLOW_ZYGOTE_FD"
+_MAX_REQUEST = 1024 * 1024
+_NFDS = 4
+
+
+def main() -> None:
+    fd = int(os.environ.pop(ZYGOTE_FD_ENV))
+    sock = socket.socket(fileno=fd)
+    sock.send(json.dumps({"ready": True, "pid": os.getpid()}).encode())
+    while True:
+        try:
+            data, ancdata, _flags, _addr = sock.recvmsg(_MAX_REQUEST, socket.CMSG_SPACE(_NFDS * 4))
+        except (ConnectionResetError, OSError):
+            os._exit(0)
+        fds = _received_fds(ancdata)
+        if not data:
+            os._exit(0)  # the supervisor is gone
+        try:
+            request = json.loads(data)
+            if len(fds) != _NFDS:
+                raise ValueError(f"expected {_NFDS} descriptors, got {len(fds)}")
+            pid = _fork_attempt(sock, request, fds)
+            reply = {"id": request.get("id"), "pid": pid}
+        except (ValueError, OSError) as exc:
+            reply = {"id": None, "error": f"{type(exc).__name__}: {exc}"}
+        finally:
+            for f in fds:
+                os.close(f)
+        sock.send(json.dumps(reply).encode())
+
+
+def _received_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    fds: list[int] = []
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            arr = array.array("i")
+            arr.frombytes(payload[: len(payload) - len(payload) % arr.itemsize])
+            fds.extend(arr)
+    return fds
+
+
+def _fork_attempt(sock: socket.socket, request: dict, fds: list[int]) -> int:
+    report_r, report_w = os.pipe()
+    middle = os.fork()
+    if middle == 0:
+        try:
+            os.close(report_r)
+            pid = os.fork()
+            if pid == 0:
+                os.close(report_w)
+                _become_attempt(sock, request, fds)
+            os.write(report_w, struct.pack("i", pid))
+        finally:
+            os._exit(0)
+    os.close(report_w)
+    try:
+        data = os.read(report_r, 4)
+    finally:
+        os.close(report_r)
+        os.waitpid(middle, 0)
+    if len(data) != 4:
+        raise OSError("the intermediate fork died before reporting the attempt's pid")
+    return struct.unpack("i", data)[0]
+
+
+def _become_attempt(sock: socket.socket, request: dict, fds: list[int]) -> None:
+    """In the forked attempt: own session, own stdio, own environment, then serve."""
+    try:
+        os.setsid()
+        sock.close()
+        proto_in, proto_out, out_w, err_w = fds
+        os.dup2(out_w, 1)
+        os.dup2(err_w, 2)
+        os.close(out_w)
+        os.close(err_w)
+        os.environ.clear()
+        os.environ.update(request["env"])
+        os.chdir(request["cwd"])
+        random.seed()
+        fd_in, fd_out = runtime.adopt_protocol_fds(f"{proto_in},{proto_out}")
+        os.closerange(fd_out + 1, 65536)
+        runtime.serve(fd_in, fd_out)
+    except BaseException as exc:  # nothing may return into the zygote's loop
+        try:
+            os.write(2, f"nomaflow zygote child failed to start: {exc!r}\n".encode())
+        finally:
+            os._exit(3)
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()

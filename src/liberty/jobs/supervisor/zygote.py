@@ -1,0 +1,129 @@
+"""The supervisor's side of the zygote (fork server); see `child/zygote.py`.
+
+One zygote per `Supervisor`.  Requests are serialised (the zygote forks one
+attempt at a time, in about a millisecond); if the zygote dies it is restarted
+on the next request.
+"""
+
+from __future__ import annotations
+
+import array
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import trio
+
+from .spawn import ChildHandle, child_pipes, reap_adopted
+
+_ZYGOTE_FD_ENV = "NOMAFLOW_ZYGOTE_FD"
+_START_TIMEOUT = 30.0
+
+
+class ZygoteError(OSError):
+    """The zygote could not fork an attempt; the caller falls back to spawning."""
+
+
+class Zygote:
+    def __init__(self, env: dict[str, str]) -> None:
+        self._env = env
+        self._lock = trio.Lock()
+        self._process: trio.Process | None = None
+        self._sock: trio.socket.SocketType | None = None
+        self._next_id = 0
+        self.pid: int | None = None
+        self.restarts = 0
+
+    async def _start(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            self._process = await trio.lowlevel.open_process(
+                [sys.executable, "-s", "-P", "-m", "liberty.jobs.child.zygote"],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                pass_fds=(theirs.fileno(),),
+                env={**self._env, _ZYGOTE_FD_ENV: str(theirs.fileno())},
+                start_new_session=True,
+            )
+        finally:
+            theirs.close()
+        self._sock = trio.socket.from_stdlib_socket(ours)
+        with trio.move_on_after(_START_TIMEOUT):
+            hello = json.loads(await self._sock.recv(4096) or b"{}")
+            if hello.get("ready"):
+                self.pid = self._process.pid
+                return
+        await self._stop()
+        raise ZygoteError("the zygote did not start (no ready message)")
+
+    async def _stop(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        if self._process is not None:
+            with trio.move_on_after(5):
+                await self._process.wait()
+            if self._process.returncode is None:
+                self._process.kill()
+                await self._process.wait()
+            self._process = None
+        self.pid = None
+
+    async def aclose(self) -> None:
+        async with self._lock:
+            with trio.CancelScope(shield=True):
+                await self._stop()
+
+    async def fork(self, *, workdir: str, env: dict[str, str]) -> ChildHandle:
+        (to_child_r, to_child_w), (from_child_r, from_child_w) = child_pipes()
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        theirs = [to_child_r, from_child_w, out_w, err_w]
+        ours = [to_child_w, from_child_r, out_r, err_r]
+        try:
+            async with self._lock:
+                pid = await self._request(theirs, {"env": env, "cwd": workdir})
+        except BaseException:
+            for fd in ours:
+                os.close(fd)
+            raise
+        finally:
+            for fd in theirs:
+                os.close(fd)
+        return ChildHandle(
+            pid,
+            trio.lowlevel.FdStream(to_child_w),
+            trio.lowlevel.FdStream(from_child_r),
+            trio.lowlevel.FdStream(out_r),
+            trio.lowlevel.FdStream(err_r),
+            lambda: reap_adopted(pid),
+        )
+
+    async def _request(self, fds: list[int], payload: dict[str, object]) -> int:
+        for attempt in range(2):
+            if self._process is None or self._process.poll() is not None:
+                if self._process is not None:
+                    self.restarts += 1
+                    await self._stop()
+                await self._start()
+            assert self._sock is not None
+            self._next_id += 1
+            data = json.dumps({**payload, "id": self._next_id}).encode()
+            try:
+                await self._sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+                raw = await self._sock.recv(65536)
+            except OSError:
+                raw = b""
+            if not raw:
+                await self._stop()
+                if attempt == 0:
+                    self.restarts += 1
+                    continue
+                raise ZygoteError("the zygote died while forking an attempt")
+            reply = json.loads(raw)
+            if "pid" in reply and isinstance(reply["pid"], int) and reply.get("id") == self._next_id:
+                return reply["pid"]
+            raise ZygoteError(f"the zygote could not fork: {reply.get('error', reply)}")
+        raise ZygoteError("unreachable")
