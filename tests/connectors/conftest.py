@@ -17,7 +17,10 @@ _TESTS = str(Path(__file__).resolve().parents[1])
 if _TESTS not in sys.path:  # pg_server.py lives in tests/
     sys.path.insert(0, _TESTS)
 
+from connector_helpers import SqlTarget, new_table, pg_config  # noqa: E402
 from pg_server import PgServer, postgres_server  # noqa: E402, F401
+
+from liberty.jobs.connectors import SqliteConfig  # noqa: E402
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -73,4 +76,16 @@ def http_server() -> Iterator[str]:
     server.server_close()
 
 
-__all__ = ["PgServer"]
+# --- SQL targets: every SQL behaviour is checked on SQLite (file and :memory:) and PostgreSQL ---
+
+
+@pytest.fixture(params=["sqlite", "memory", "postgres"])
+def target(request: pytest.FixtureRequest, tmp_path: Path) -> SqlTarget:
+    table = new_table()
+    if request.param == "sqlite":
+        cfg = SqliteConfig(name="db", path=str(tmp_path / "test.db"), timeout_seconds=1, call_timeout_seconds=20)
+        return SqlTarget("sqlite", cfg, "?", table)
+    if request.param == "memory":
+        return SqlTarget("sqlite", SqliteConfig(name="db", path=":memory:", call_timeout_seconds=20), "?", table)
+    server = request.getfixturevalue("postgres_server")
+    return SqlTarget("postgres", pg_config(server), "%s", table, server)

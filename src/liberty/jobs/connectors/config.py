@@ -256,7 +256,7 @@ class _Loader:
             problems = describe_error(exc)
             key, message = problems[0]
             if len(problems) > 1:
-                message += "; also " + "; ".join(f"{w or self.name}: {m}" for w, m in problems[1:])
+                message += "; also " + "; ".join(f"{self.name}.{w}: {m}" if w else f"{self.name}: {m}" for w, m in problems[1:])
             raise self.fail(key or None, message) from None
 
     # --- per type ---------------------------------------------------------

@@ -161,7 +161,8 @@ def _configure(conn: psycopg.Connection[Any]) -> None:
 
 
 def _reset(conn: psycopg.Connection[Any]) -> None:
-    conn.execute("DISCARD ALL")
+    # Never prepared: psycopg would otherwise prepare it after a few runs, and it deallocates itself.
+    conn.execute("DISCARD ALL", prepare=False)
 
 
 def _params(params: list[Any]) -> Any:

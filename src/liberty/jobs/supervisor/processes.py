@@ -29,10 +29,51 @@ def become_subreaper() -> bool:
         return False
 
 
+def tree_pids(pid: int) -> list[int]:
+    """`pid` and its descendants, by walking /proc/<pid>/task/*/children.
+
+    Costs O(size of the tree), where psutil's `children()` reads every process
+    on the host: this runs for every live attempt several times a second.
+    """
+    out: list[int] = []
+    stack = [pid]
+    while stack:
+        current = stack.pop()
+        out.append(current)
+        try:
+            tasks = os.listdir(f"/proc/{current}/task")
+        except OSError:
+            continue
+        for tid in tasks:
+            try:
+                with open(f"/proc/{current}/task/{tid}/children", "rb") as f:
+                    stack.extend(int(x) for x in f.read().split())
+            except (OSError, ValueError):
+                continue
+    return out
+
+
+def _processes(pids: Iterable[int]) -> list[psutil.Process]:
+    out = []
+    for pid in pids:
+        try:
+            out.append(psutil.Process(pid))
+        except psutil.Error:
+            continue
+    return out
+
+
 def descendants(pid: int) -> list[psutil.Process]:
+    return _processes(tree_pids(pid)[1:])
+
+
+def _direct_children() -> list[int]:
+    """Our children as the main thread sees them: where orphans re-parent to a subreaper."""
+    me = os.getpid()
     try:
-        return psutil.Process(pid).children(recursive=True)
-    except psutil.Error:
+        with open(f"/proc/{me}/task/{me}/children", "rb") as f:
+            return [int(x) for x in f.read().split()]
+    except (OSError, ValueError):
         return []
 
 
@@ -46,9 +87,10 @@ def _has_token(proc: psutil.Process, token: str) -> bool:
 def _adopted_with_token(token: str, exclude: set[int]) -> list[psutil.Process]:
     """Orphans re-parented to us (subreaper) that carry this attempt's token."""
     found = []
-    for child in psutil.Process().children(recursive=True):
-        if child.pid not in exclude and _has_token(child, token):
+    for child in _processes(pid for pid in _direct_children() if pid not in exclude):
+        if _has_token(child, token):
             found.append(child)
+            found.extend(descendants(child.pid))
     return found
 
 

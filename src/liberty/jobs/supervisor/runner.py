@@ -210,13 +210,15 @@ class Supervisor:
     async def cancel(self, run_id: str) -> bool:
         """Ask a run to stop; works for runs of this supervisor and, via the history, of others."""
         assert self._store is not None
-        full_id = await trio.to_thread.run_sync(self._store.resolve_run_id, run_id)
-        handle = self._active.get(full_id)
-        requested = await trio.to_thread.run_sync(self._store.request_cancel, full_id)
+        handle = self._active.get(run_id)
+        if handle is not None:
+            handle.cancel_event.set()  # first, so the stop starts before any I/O
+        full_id = run_id if handle else await trio.to_thread.run_sync(self._store.resolve_run_id, run_id)
+        handle = handle or self._active.get(full_id)
         if handle is not None:
             handle.cancel_event.set()
-            return True
-        return requested
+        requested = await trio.to_thread.run_sync(self._store.request_cancel, full_id)
+        return requested or handle is not None
 
     async def get_run(self, run_id: str) -> RunView:
         assert self._store is not None
