@@ -10,7 +10,6 @@ import pickle
 import sqlite3
 import subprocess
 import sys
-import uuid
 import zoneinfo
 from pathlib import Path
 from typing import Any
@@ -49,11 +48,8 @@ def same(a: Any, b: Any) -> bool:
     return a == b
 
 
-zones = st.one_of(
-    st.none(),
-    st.timezones(),
-    st.timedeltas(min_value=dt.timedelta(hours=-23), max_value=dt.timedelta(hours=23)).map(dt.timezone),
-)
+fixed_offsets = st.timedeltas(min_value=dt.timedelta(hours=-23), max_value=dt.timedelta(hours=23)).map(dt.timezone)
+zones = st.one_of(st.none(), st.timezones(), fixed_offsets)
 scalars = st.one_of(
     st.none(),
     st.booleans(),
@@ -65,7 +61,7 @@ scalars = st.one_of(
     st.decimals(allow_nan=True, allow_infinity=True),
     st.dates(),
     st.datetimes(timezones=zones, allow_imaginary=False),
-    st.times(timezones=st.one_of(st.none(), st.timedeltas(min_value=dt.timedelta(hours=-23), max_value=dt.timedelta(hours=23)).map(dt.timezone))),
+    st.times(timezones=st.one_of(st.none(), st.timezones(), fixed_offsets)),
     st.timedeltas(),
 )
 values = st.recursive(
@@ -96,6 +92,13 @@ def test_ambiguous_local_time_keeps_its_fold() -> None:
     second = dt.datetime(2025, 10, 26, 2, 30, fold=1, tzinfo=paris)
     back = wire(second)
     assert back.fold == 1 and back.utcoffset() == dt.timedelta(hours=1)
+
+
+@pytest.mark.parametrize("kind", [dt.datetime, dt.time])
+def test_a_sub_second_utc_offset_is_kept(kind: Any) -> None:
+    zone = dt.timezone(dt.timedelta(seconds=-5, microseconds=7))
+    value = kind(2026, 1, 1, tzinfo=zone) if kind is dt.datetime else kind(1, 2, tzinfo=zone)
+    assert wire(value).utcoffset() == zone.utcoffset(None)
 
 
 def test_microseconds_are_kept() -> None:
@@ -136,6 +139,9 @@ def test_non_string_dict_key_is_a_type_error() -> None:
         {"$t": "datetime", "v": "2026-01-01T00:00:00", "tz": "No/Such_Zone"},
         {"$t": "datetime", "v": "2026-01-01T00:00:00+01:00", "tz": "Europe/Paris"},
         {"$t": "datetime", "v": "2026-01-01T00:00:00", "fold": 2},
+        {"$t": "datetime", "v": "2026-01-01T00:00:00", "off": 10**12},
+        {"$t": "datetime", "v": "2026-01-01T00:00:00", "off": 1, "tz": "UTC"},
+        {"$t": "time", "v": "10:00+01:00", "off": 1},
         {"$t": "date", "v": "2026-13-01"},
         {"$t": "time", "v": "25:00"},
         {"$t": "timedelta", "v": [1, 2]},

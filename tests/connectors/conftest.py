@@ -18,7 +18,7 @@ if _TESTS not in sys.path:  # pg_server.py lives in tests/
     sys.path.insert(0, _TESTS)
 
 from connector_helpers import SqlTarget, new_table, pg_config  # noqa: E402
-from pg_server import PgServer, postgres_server  # noqa: E402, F401
+from pg_server import postgres_server  # noqa: E402, F401  (the shared session fixture)
 
 from liberty.jobs.connectors import SqliteConfig  # noqa: E402
 

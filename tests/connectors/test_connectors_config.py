@@ -137,6 +137,12 @@ def test_wrong_type_inside_a_header_table(tmp_path: Path) -> None:
     assert "api.headers['Accept']" in str(err) and "expected a string" in str(err)
 
 
+def test_verify_ca_bundle_path_resolves_against_the_files_folder(tmp_path: Path) -> None:
+    (tmp_path / "ca.pem").write_text("-----BEGIN CERTIFICATE-----\n")
+    path = write(tmp_path, '[api]\ntype = "http"\nbase_url = "https://x"\nverify = "ca.pem"\n')
+    assert load_connectors(path, environ={})["api"].verify == str(tmp_path.resolve() / "ca.pem")
+
+
 def test_verify_accepts_a_bool_or_a_ca_path_only(tmp_path: Path) -> None:
     err = config_error(tmp_path, '[api]\ntype = "http"\nbase_url = "http://x"\nverify = 1\n')
     assert "api.verify" in str(err) and "true or false or a string" in str(err)
@@ -201,6 +207,7 @@ def test_required_key_missing(tmp_path: Path) -> None:
         ('type = "http"\nbase_url = "ftp://x"\n', "c.base_url"),
         ('type = "http"\nbase_url = "/relative"\n', "c.base_url"),
         ('type = "http"\nbase_url = "http://x"\ntoken_env = "not a var"\n', "c.token_env"),
+        ('type = "http"\nbase_url = "http://x"\nverify = "no-such-ca.pem"\n', "c.verify"),
     ],
 )
 def test_out_of_range_values_name_the_key(tmp_path: Path, table: str, key: str) -> None:

@@ -112,7 +112,10 @@ class Channel:
                 fut = self._calls.pop(msg.id, None)
             if fut is None:
                 raise ProtocolError(f"reply to unknown call id {msg.id}")
-            fut.set_result(msg)
+            try:
+                fut.set_result(msg)
+            except concurrent.futures.InvalidStateError:
+                pass  # the caller was cancelled meanwhile; the reply has no one to go to
         elif isinstance(msg, Rows):
             with self._calls_lock:
                 deliver = self._streams.get(msg.id)

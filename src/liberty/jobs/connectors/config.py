@@ -323,6 +323,11 @@ class _Loader:
             raise self.fail("base_url", f"not a valid URL: {exc}") from None
         if url.scheme not in ("http", "https") or not url.host:
             raise self.fail("base_url", f"expected an absolute http:// or https:// URL, got {e.base_url!r}")
+        verify = e.verify
+        if isinstance(verify, str):
+            verify = str(self.base_dir / Path(verify).expanduser())
+            if not Path(verify).is_file():
+                raise self.fail("verify", f"CA bundle {verify} does not exist; give a PEM file, or true / false")
         if e.max_response_kb <= 0:
             raise self.fail("max_response_kb", f"must be > 0, got {e.max_response_kb}")
         headers = dict(e.headers)
@@ -344,7 +349,7 @@ class _Loader:
             timeout_seconds=e.timeout_seconds,
             call_timeout_seconds=e.call_timeout_seconds,
             max_response_bytes=e.max_response_kb * 1024,
-            verify=e.verify,
+            verify=verify,
             secrets=frozenset(self.secrets),
         )
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 import psycopg
+import trio
 from psycopg.pq import TransactionStatus
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool, PoolTimeout
@@ -28,15 +29,18 @@ class PostgresBackend(SqlBackend):
         self.pool: ConnectionPool | None = None
 
     async def open(self) -> None:
-        import trio
-
         self.pool = await trio.to_thread.run_sync(self._open_pool, limiter=self._limiter)
 
     def _open_pool(self) -> ConnectionPool:
         cfg = self.config
+        # The pool retries a failing connect until its timeout and then only says "timeout";
+        # one direct connection first fails fast with the driver's real error (bad password, no server).
+        self._probe()
         pool: ConnectionPool = ConnectionPool(
             cfg.conninfo,
-            kwargs=dict(cfg.params),
+            # No automatic server-side prepares: DISCARD ALL on return would drop them behind
+            # psycopg's back (it notices only the first time), breaking the next statement.
+            kwargs={**cfg.params, "prepare_threshold": None},
             min_size=cfg.pool_min,
             max_size=cfg.pool_max,
             open=False,
@@ -49,12 +53,11 @@ class PostgresBackend(SqlBackend):
             pool.open(wait=True, timeout=cfg.timeout_seconds)
         except PoolTimeout:
             pool.close()
-            self._explain_failure()
+            self._probe()
             raise
         return pool
 
-    def _explain_failure(self) -> None:
-        """The pool only says "timeout"; one direct attempt surfaces the driver's real error."""
+    def _probe(self) -> None:
         with psycopg.connect(self.config.conninfo, **self.config.params):
             pass
 
@@ -63,7 +66,7 @@ class PostgresBackend(SqlBackend):
         try:
             return self.pool.getconn(timeout=self.config.timeout_seconds)
         except PoolTimeout:
-            self._explain_failure()
+            self._probe()  # raises the driver's own error if the server is the problem
             raise
 
     def _put(self, conn: psycopg.Connection[Any]) -> None:
@@ -161,8 +164,7 @@ def _configure(conn: psycopg.Connection[Any]) -> None:
 
 
 def _reset(conn: psycopg.Connection[Any]) -> None:
-    # Never prepared: psycopg would otherwise prepare it after a few runs, and it deallocates itself.
-    conn.execute("DISCARD ALL", prepare=False)
+    conn.execute("DISCARD ALL")
 
 
 def _params(params: list[Any]) -> Any:

@@ -27,6 +27,9 @@ class ConnectorRegistry:
     """`async with ConnectorRegistry(load_connectors(...)) as registry:` under trio."""
 
     def __init__(self, configs: Mapping[str, ConnectorConfig]) -> None:
+        for key, cfg in configs.items():
+            if key != cfg.name:
+                raise ValueError(f"connector config {cfg.name!r} is registered under another name, {key!r}")
         self.configs: dict[str, ConnectorConfig] = dict(configs)
         self._backends: dict[str, Backend] = {}
         self._opening: dict[str, trio.Lock] = {}

@@ -83,13 +83,15 @@ def _encode_dict(obj: dict[Any, Any]) -> dict[str, Any]:
 
 
 def _with_zone(tagged: dict[str, Any], obj: dt.datetime | dt.time) -> dict[str, Any]:
-    """Keep a named zone and `fold`, which isoformat() alone would lose."""
+    """Keep what isoformat() + fromisoformat() would lose: a named zone, `fold`, sub-second offsets."""
     key = getattr(obj.tzinfo, "key", None)
     if isinstance(obj.tzinfo, zoneinfo.ZoneInfo) and key:
         tagged["tz"] = key
-        if isinstance(obj, dt.datetime):
-            # The offset is implied by the zone; dropping it keeps decoding unambiguous.
-            tagged["v"] = obj.replace(tzinfo=None).isoformat()
+        # The offset is implied by the zone; dropping it keeps decoding unambiguous.
+        tagged["v"] = obj.replace(tzinfo=None).isoformat()
+    elif (offset := obj.utcoffset()) is not None and offset.microseconds:
+        tagged["off"] = offset // dt.timedelta(microseconds=1)
+        tagged["v"] = obj.replace(tzinfo=None).isoformat()
     if obj.fold:
         tagged["fold"] = 1
     return tagged
@@ -129,7 +131,7 @@ def _decode_tagged(data: dict[str, Any]) -> Any:
     decoder = _DECODERS.get(tag) if type(tag) is str else None
     if decoder is None:
         raise ProtocolError(f"unknown value tag {tag!r:.40}")
-    extra = set(data) - {TAG, "v"} - ({"tz", "fold"} if tag in ("datetime", "time") else set())
+    extra = set(data) - {TAG, "v"} - ({"tz", "off", "fold"} if tag in ("datetime", "time") else set())
     if extra or "v" not in data:
         raise ProtocolError(f"tagged {tag} value must have exactly '$t' and 'v' keys, got {sorted(data)!r:.80}")
     try:
@@ -147,8 +149,12 @@ def _str(data: dict[str, Any]) -> str:
     return value
 
 
-def _zone(data: dict[str, Any]) -> zoneinfo.ZoneInfo | None:
-    key = data.get("tz")
+def _zone(data: dict[str, Any]) -> dt.tzinfo | None:
+    key, offset = data.get("tz"), data.get("off")
+    if offset is not None:
+        if key is not None or type(offset) is not int:
+            raise ProtocolError("'off' must be an integer number of microseconds, without 'tz'")
+        return dt.timezone(dt.timedelta(microseconds=offset))
     if key is None:
         return None
     if type(key) is not str or len(key) > 64 or not _ZONE_KEY.match(key):
@@ -164,19 +170,18 @@ def _fold(data: dict[str, Any]) -> int:
 
 
 def _decode_datetime(data: dict[str, Any]) -> dt.datetime:
-    value = dt.datetime.fromisoformat(_str(data))
-    zone = _zone(data)
-    if zone is not None:
-        if value.tzinfo is not None:
-            raise ProtocolError("a datetime with a named zone must not also carry an offset")
-        value = value.replace(tzinfo=zone)
-    return value.replace(fold=_fold(data))
+    return _zoned(dt.datetime.fromisoformat(_str(data)), data)
 
 
 def _decode_time(data: dict[str, Any]) -> dt.time:
-    value = dt.time.fromisoformat(_str(data))
+    return _zoned(dt.time.fromisoformat(_str(data)), data)
+
+
+def _zoned(value: Any, data: dict[str, Any]) -> Any:
     zone = _zone(data)
     if zone is not None:
+        if value.tzinfo is not None:
+            raise ProtocolError(f"a {data[TAG]} with 'tz' or 'off' must not also carry an offset in 'v'")
         value = value.replace(tzinfo=zone)
     return value.replace(fold=_fold(data))
 

@@ -13,7 +13,7 @@ import os
 import pwd
 import resource
 import sys
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -47,8 +47,19 @@ _SYSTEM_READABLE = (
     "/etc/ld.so.conf",
     "/etc/ld.so.conf.d",
     "/etc/os-release",
-    "/proc",
     "/sys/devices/system/cpu",
+    # Host-wide /proc files only: granting /proc would expose every process's
+    # /proc/<pid>/environ, which Landlock's ptrace check does not cover on
+    # PTRACE_MODE_READ (measured on 6.18).  The child's own /proc/<pid> is added by apply().
+    "/proc/cpuinfo",
+    "/proc/meminfo",
+    "/proc/stat",
+    "/proc/loadavg",
+    "/proc/uptime",
+    "/proc/version",
+    "/proc/filesystems",
+    "/proc/sys/kernel/random",
+    "/proc/sys/vm/overcommit_memory",
 )
 
 
@@ -68,7 +79,7 @@ class SandboxSpec:
     no_new_privs: bool = True
     uid: int | None = None
     gid: int | None = None
-    drop_capabilities: bool = False
+    drop_capabilities: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return attrs.asdict(self)
@@ -146,9 +157,12 @@ def default_readable(*extra: str) -> list[str]:
     paths: list[str] = []
     for prefix in (sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix):
         paths.append(prefix)
-    paths.append(str(Path(os.path.realpath(sys.executable)).parent.parent))
+    paths.append(os.path.dirname(os.path.dirname(os.path.realpath(sys.executable))))
     paths.extend(p for p in sys.path if p and os.path.isabs(p))
-    paths.append(str(Path(__file__).resolve().parents[3]))  # the directory holding liberty/
+    package_root = os.path.realpath(__file__)
+    for _ in range(4):  # .../src/liberty/jobs/sandbox/apply.py -> .../src
+        package_root = os.path.dirname(package_root)
+    paths.append(package_root)
     paths.extend(_SYSTEM_READABLE)
     paths.extend(extra)
     seen: dict[str, None] = {}
@@ -165,7 +179,12 @@ def _thread_count() -> int:
 
 
 def apply(spec: SandboxSpec) -> AppliedReport:
-    """Apply `spec` to this process, in the order the kernel needs; irreversible."""
+    """Apply `spec` to this process, in the order the kernel needs; irreversible.
+
+    Namespaces need CAP_SYS_ADMIN, so they come before the uid drop and the
+    capability drop; Landlock needs no_new_privs; dumpable goes last because
+    a uid change resets it.
+    """
     report = AppliedReport()
     threads = _thread_count()
     report.add(
@@ -174,28 +193,30 @@ def apply(spec: SandboxSpec) -> AppliedReport:
         "one thread" if threads == 1 else f"{threads} threads: namespaces, no_new_privs and Landlock bind only this one",
     )
     if not spec.network:
-        _apply_network(report)
+        _try(report, "network", _isolate_network)
     _apply_rlimits(spec, report)
-    if spec.uid is not None or spec.gid is not None:
-        _apply_uid(spec, report)
-    if spec.drop_capabilities:
-        _try(report, "capabilities", lambda: (prctl.drop_capabilities(), f"effective {prctl.effective_capabilities():#x}, bounding {prctl.bounding_capabilities():#x}")[1])
-    if spec.no_new_privs or spec.landlock:
-        _try(report, "no_new_privs", lambda: (prctl.set_no_new_privs(), "set")[1])
     deny_tcp = not spec.network and not report["network"].applied
-    if spec.landlock:
-        _apply_landlock(spec, report, deny_tcp=deny_tcp)
-    elif deny_tcp:
-        report.add("network_fallback", False, "Landlock is off in the spec, so nothing denies TCP either")
-    _try(report, "dumpable", lambda: (prctl.set_dumpable(False), "PR_SET_DUMPABLE=0")[1])
-    nproc = report["rlimit_nproc"] if "rlimit_nproc" in report else None
-    if nproc is not None and nproc.applied and os.getuid() == 0:
-        nproc.applied = False
-        nproc.detail += "; ignored: the child runs as uid 0 (use the pids cgroup or a uid drop)"
+    # Rules are collected before the uid drop: O_PATH opens made as root reach
+    # paths the new uid cannot traverse (the rules only narrow; DAC still applies).
+    ruleset = _landlock_ruleset(spec, report, deny_tcp=deny_tcp) if spec.landlock else None
+    if spec.uid is not None or spec.gid is not None:
+        _try(report, "uid", lambda: _drop_uid(spec.uid, spec.gid))
+    if spec.drop_capabilities:
+        _try(report, "capabilities", _drop_capabilities)
+    if spec.no_new_privs or spec.landlock:
+        _try(report, "no_new_privs", _no_new_privs)
+    if ruleset is not None:
+        _try(report, "landlock", lambda: _restrict(spec, ruleset))
+    if deny_tcp:
+        _report_tcp_fallback(report, ruleset)
+    _try(report, "dumpable", _undumpable)
+    if "rlimit_nproc" in report and report["rlimit_nproc"].applied and os.getuid() == 0:
+        report["rlimit_nproc"].applied = False
+        report["rlimit_nproc"].detail += "; ignored: the child runs as uid 0 (use the pids cgroup or a uid drop)"
     return report
 
 
-def _try(report: AppliedReport, name: str, action: Any) -> bool:
+def _try(report: AppliedReport, name: str, action: Callable[[], str]) -> bool:
     try:
         detail = action()
     except (OSError, ValueError) as exc:
@@ -205,8 +226,23 @@ def _try(report: AppliedReport, name: str, action: Any) -> bool:
     return True
 
 
-def _apply_network(report: AppliedReport) -> None:
-    _try(report, "network", lambda: f"private network namespace ({namespaces.isolate_network()}), loopback only")
+def _isolate_network() -> str:
+    return f"private network namespace ({namespaces.isolate_network()}), loopback only"
+
+
+def _drop_capabilities() -> str:
+    prctl.drop_capabilities()
+    return f"effective {prctl.effective_capabilities():#x}, bounding {prctl.bounding_capabilities():#x}"
+
+
+def _no_new_privs() -> str:
+    prctl.set_no_new_privs()
+    return "set"
+
+
+def _undumpable() -> str:
+    prctl.set_dumpable(False)
+    return "PR_SET_DUMPABLE=0"
 
 
 def _apply_rlimits(spec: SandboxSpec, report: AppliedReport) -> None:
@@ -234,59 +270,61 @@ def _set_limit(which: int, soft: int, hard: int | None, what: str) -> tuple[bool
     return True, f"soft={got[0]} hard={got[1]}; {what}"
 
 
-def _apply_uid(spec: SandboxSpec, report: AppliedReport) -> None:
-    uid = os.getuid() if spec.uid is None else spec.uid
-    gid = spec.gid
+def _drop_uid(uid: int | None, gid: int | None) -> str:
+    uid = os.getuid() if uid is None else uid
     if gid is None:
         try:
             gid = pwd.getpwuid(uid).pw_gid
         except KeyError:
             gid = uid
-
-    def drop() -> str:
-        os.setgroups([])
-        os.setresgid(gid, gid, gid)
-        os.setresuid(uid, uid, uid)
-        if uid != 0:
-            try:
-                os.setuid(0)
-            except PermissionError:
-                pass
-            else:
-                raise OSError(f"uid drop to {uid} did not hold: setuid(0) succeeded afterwards")
-        return f"uid={os.getuid()} gid={os.getgid()} groups={os.getgroups()}"
-
-    _try(report, "uid", drop)
-
-
-def _apply_landlock(spec: SandboxSpec, report: AppliedReport, *, deny_tcp: bool) -> None:
-    """`deny_tcp`: the netns failed, so let Landlock (ABI >= 4) at least refuse TCP."""
-
-    def seal() -> str:
-        ruleset = landlock.Ruleset(deny_tcp=deny_tcp)
+    os.setgroups([])
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+    if uid != 0:
         try:
-            for path in spec.readable:
-                ruleset.allow(path, landlock.READ_ONLY)
-            for path in [spec.workdir, *spec.writable]:
-                ruleset.allow(path, landlock.READ_WRITE)
-            for path in DEVICES:
-                ruleset.allow(path, landlock.DEVICE_RW)
-            if not any(p == spec.workdir for p, _ in ruleset.rules):
-                raise OSError(f"work directory {spec.workdir!r} cannot be opened; refusing a sandbox without it")
-            ruleset.restrict()
-        finally:
-            ruleset.close()
-        if deny_tcp:
-            report.add(
-                "network_fallback",
-                ruleset.handled_net != 0,
-                "Landlock denies TCP bind/connect (UDP and unix sockets stay open)"
-                if ruleset.handled_net
-                else f"Landlock ABI {ruleset.abi} < 4 cannot deny TCP: the network stays reachable",
-            )
-        skipped = f"; missing, skipped: {[p for p, _ in ruleset.skipped]}" if ruleset.skipped else ""
-        scoped = ", signals and abstract unix sockets scoped" if ruleset.scoped else ""
-        return f"ABI {ruleset.abi}: {len(ruleset.rules)} rules, read-write only under {[spec.workdir, *spec.writable]}{scoped}{skipped}"
+            os.setuid(0)
+        except PermissionError:
+            pass
+        else:
+            raise OSError(f"uid drop to {uid} did not hold: setuid(0) succeeded afterwards")
+    return f"uid={os.getuid()} gid={os.getgid()} groups={os.getgroups()}"
 
-    if not _try(report, "landlock", seal) and deny_tcp:
-        report.add("network_fallback", False, "Landlock failed, so nothing denies TCP either")
+
+def _landlock_ruleset(spec: SandboxSpec, report: AppliedReport, *, deny_tcp: bool) -> landlock.Ruleset | None:
+    """`deny_tcp`: the netns failed, so let Landlock (ABI >= 4) at least refuse TCP."""
+    try:
+        ruleset = landlock.Ruleset(deny_tcp=deny_tcp)
+    except OSError as exc:
+        report.add("landlock", False, f"{type(exc).__name__}: {exc}")
+        return None
+    try:
+        for path in spec.readable:
+            ruleset.allow(path, landlock.READ_ONLY)
+        for path in [spec.workdir, *spec.writable]:
+            ruleset.allow(path, landlock.READ_WRITE)
+        for path in DEVICES:
+            ruleset.allow(path, landlock.DEVICE_RW)
+        ruleset.allow(os.path.realpath("/proc/self"), landlock.READ_ONLY)
+        if not any(p == spec.workdir for p, _ in ruleset.rules):
+            raise OSError(f"work directory {spec.workdir!r} cannot be opened; refusing a sandbox without it")
+    except OSError as exc:
+        ruleset.close()
+        report.add("landlock", False, f"{type(exc).__name__}: {exc}")
+        return None
+    return ruleset
+
+
+def _restrict(spec: SandboxSpec, ruleset: landlock.Ruleset) -> str:
+    ruleset.restrict()
+    skipped = f"; missing, skipped: {[p for p, _ in ruleset.skipped]}" if ruleset.skipped else ""
+    scoped = ", signals and abstract unix sockets scoped" if ruleset.scoped else ""
+    return f"ABI {ruleset.abi}: {len(ruleset.rules)} rules, read-write only under {[spec.workdir, *spec.writable]}{scoped}{skipped}"
+
+
+def _report_tcp_fallback(report: AppliedReport, ruleset: landlock.Ruleset | None) -> None:
+    if ruleset is None or not report["landlock"].applied:
+        report.add("network_fallback", False, "no Landlock domain, so nothing denies TCP either")
+    elif ruleset.handled_net:
+        report.add("network_fallback", True, "Landlock denies TCP bind/connect (UDP and unix sockets stay open)")
+    else:
+        report.add("network_fallback", False, f"Landlock ABI {ruleset.abi} < 4 cannot deny TCP: the network stays reachable")

@@ -13,8 +13,8 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import platform
 import stat
+import sys
 
 _SYSCALLS = {  # identical on every architecture that has Landlock (generic table, added after unification)
     "create_ruleset": 444,
@@ -105,7 +105,7 @@ def _syscall(name: str, *args: object) -> int:
 
 def abi_version() -> int:
     """The kernel's Landlock ABI, 0 when Landlock is absent or disabled at boot."""
-    if platform.system() != "Linux":
+    if not sys.platform.startswith("linux"):
         return 0
     try:
         return _syscall("create_ruleset", None, ctypes.c_size_t(0), ctypes.c_uint32(_CREATE_RULESET_VERSION))

@@ -43,6 +43,12 @@ def is_dumpable() -> bool:
     return prctl(PR_GET_DUMPABLE) == 1
 
 
+def is_subreaper() -> bool:
+    value = ctypes.c_int(0)
+    prctl(PR_GET_CHILD_SUBREAPER, ctypes.addressof(value))
+    return value.value == 1
+
+
 def set_no_new_privs() -> None:
     """Irreversible: execve can no longer grant privileges (setuid bits, file capabilities)."""
     prctl(PR_SET_NO_NEW_PRIVS, 1)

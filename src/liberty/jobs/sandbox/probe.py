@@ -12,7 +12,6 @@ import pwd
 import resource
 import socket
 import sys
-import tempfile
 from collections.abc import Callable
 from typing import Any
 
@@ -21,8 +20,8 @@ from . import landlock, namespaces, prctl
 UNPRIVILEGED_USERS = ("nobody", "nfsnobody")
 
 
-def _in_fork(check: Callable[[], str]) -> dict[str, Any]:
-    """Run `check` in a forked child: {'ok': True, 'detail': ...} or the error it raised."""
+def in_fork(check: Callable[[], str]) -> dict[str, Any]:
+    """Run `check` in a forked child (irreversible measures never touch the caller): {'ok': True, 'detail': ...} or the error it raised."""
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - child side
@@ -145,14 +144,16 @@ def _separate_uid(paths: list[str]) -> Callable[[], str]:
 def probe(interpreter_paths: list[str] | None = None) -> dict[str, dict[str, Any]]:
     """{measure: {'ok': bool, 'detail': str}} for every sandbox measure, tried in throwaway forks."""
     paths = interpreter_paths or [p for p in sys.path if p and os.path.isdir(p)]
+    import tempfile  # here, not at the top: the child imports this package and never probes
+
     with tempfile.TemporaryDirectory(prefix="nomaflow-probe-") as allowed:
-        results = {"landlock": _in_fork(_landlock(allowed))}
+        results = {"landlock": in_fork(_landlock(allowed))}
     return results | {
-        "netns": _in_fork(_netns),
-        "userns": _in_fork(_userns),
-        "no_new_privs": _in_fork(_no_new_privs),
-        "rlimits": _in_fork(_rlimits),
-        "dumpable": _in_fork(_dumpable),
-        "drop_capabilities": _in_fork(_drop_capabilities),
-        "separate_uid": _in_fork(_separate_uid(paths)),
+        "netns": in_fork(_netns),
+        "userns": in_fork(_userns),
+        "no_new_privs": in_fork(_no_new_privs),
+        "rlimits": in_fork(_rlimits),
+        "dumpable": in_fork(_dumpable),
+        "drop_capabilities": in_fork(_drop_capabilities),
+        "separate_uid": in_fork(_separate_uid(paths)),
     }

@@ -206,8 +206,16 @@ def _probe_unified(hierarchy: Hierarchy, missing: dict[str, str], *, pieces: dic
         _rmdir_quiet(test)
 
 
+LEAF = f"{PREFIX}-supervisor"
+
+
 def _enable_v2_controllers(own: str, missing: dict[str, str]) -> None:
-    """Memory and pids files appear in children only if enabled in the parent's subtree_control."""
+    """Memory and pids files appear in children only if enabled in the parent's subtree_control.
+
+    v2 refuses that while the cgroup itself holds processes (EBUSY).  When
+    the only one is this supervisor, it steps down into a leaf of its own
+    cgroup; anyone else there is reported, never moved.
+    """
     try:
         available = _read(Path(own) / "cgroup.controllers").split()
         enabled = _read(Path(own) / "cgroup.subtree_control").split()
@@ -221,7 +229,24 @@ def _enable_v2_controllers(own: str, missing: dict[str, str]) -> None:
             try:
                 _write(Path(own) / "cgroup.subtree_control", f"+{controller}")
             except OSError as exc:
-                missing[controller] = _why(exc, f"cannot enable {controller} in {own}/cgroup.subtree_control")
+                if exc.errno == errno.EBUSY and _step_into_leaf(own, missing, controller):
+                    _write(Path(own) / "cgroup.subtree_control", f"+{controller}")
+                else:
+                    missing.setdefault(controller, _why(exc, f"cannot enable {controller} in {own}/cgroup.subtree_control"))
+
+
+def _step_into_leaf(own: str, missing: dict[str, str], controller: str) -> bool:
+    others = [p for p in _read_procs(Path(own)) if p != os.getpid()]
+    if others:
+        missing[controller] = (
+            f"cannot enable {controller} in {own}: it also holds processes {others[:5]} (no-internal-processes rule); "
+            "start the supervisor alone in a delegated cgroup (e.g. systemd-run --scope -p Delegate=yes)"
+        )
+        return False
+    leaf = Path(own) / LEAF
+    leaf.mkdir(exist_ok=True)
+    _write(leaf / "cgroup.procs", str(os.getpid()))
+    return True
 
 
 def detect() -> CgroupSupport:
@@ -246,7 +271,10 @@ def detect() -> CgroupSupport:
                 usable.append(h)
                 pieces["freeze" if role == "freezer" else role] = True
     if mount_v2 is not None and own_v2 is not None:
-        h = Hierarchy("unified" if hybrid else "v2", mount_v2[0], _own_dir(mount_v2, own_v2))
+        own = _own_dir(mount_v2, own_v2)
+        if os.path.basename(own) == LEAF:  # we stepped into our leaf earlier: attempts still go beside it
+            own = os.path.dirname(own)
+        h = Hierarchy("unified" if hybrid else "v2", mount_v2[0], own)
         if h.role == "v2":
             _enable_v2_controllers(h.own, missing)
         if _probe_unified(h, missing, pieces=pieces):
@@ -305,7 +333,7 @@ def _int_file(path: Path) -> int | None:
 
 
 class AttemptCgroup:
-    """One attempt's cgroup, one directory per hierarchy; blocking calls, thread-safe enough for one owner."""
+    """One attempt's cgroup, one directory per hierarchy.  Blocking calls; `remove()` may race itself safely."""
 
     def __init__(self, name: str, dirs: dict[str, Path], *, memory_limit_bytes: int | None = None, pids_limit: int | None = None) -> None:
         self.name = name
@@ -314,6 +342,7 @@ class AttemptCgroup:
         self.pids_limit = pids_limit
         self.removed = False
         self.leftover: list[str] = []
+        self._remove_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"AttemptCgroup({self.name!r}, {sorted(self.dirs)})"
@@ -358,7 +387,7 @@ class AttemptCgroup:
                 return
             except OSError:
                 pass  # fall back to freezing and signalling
-        with self._frozen():
+        with _Freeze(self.dirs):
             self._signal_until_empty(deadline=time.monotonic() + 2.0)
 
     def _signal_until_empty(self, *, deadline: float) -> None:
@@ -372,9 +401,6 @@ class AttemptCgroup:
                 except ProcessLookupError:
                     pass
             time.sleep(_POLL_S)
-
-    def _frozen(self) -> _Freeze:
-        return _Freeze(self.dirs)
 
     def wait_empty(self, timeout: float = 5.0) -> bool:
         deadline = time.monotonic() + timeout
@@ -431,11 +457,15 @@ class AttemptCgroup:
 
     def remove(self, timeout: float = 5.0) -> bool:
         """Kill, wait for the cgroup to empty, delete every directory; idempotent.  False if any is left."""
-        if self.removed:
-            return not self.leftover
+        with self._remove_lock:
+            if not self.removed:
+                self._remove(timeout)
+        return not self.leftover
+
+    def _remove(self, timeout: float) -> None:
         self.kill()
         if not self.wait_empty(timeout / 2):
-            with self._frozen():
+            with _Freeze(self.dirs):
                 self._signal_until_empty(deadline=time.monotonic() + timeout / 2)
         deadline = time.monotonic() + timeout / 2
         left = list(self.dirs.values())
@@ -446,7 +476,6 @@ class AttemptCgroup:
             time.sleep(_POLL_S)
         self.leftover = [str(d) for d in left]
         self.removed = True
-        return not left
 
 
 class _Freeze:
