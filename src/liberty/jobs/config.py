@@ -33,6 +33,7 @@ class Limits:
     max_log_mb: int = 64
     network: bool = True
     writable: list[str] = attrs.field(factory=list)
+    readable: list[str] = attrs.field(factory=list)
 
 
 @attrs.frozen(kw_only=True)
@@ -87,6 +88,7 @@ class Settings:
     history: str = ".nomaflow/history.db"
     connectors: str = "connectors.toml"
     start_mode: Literal["zygote", "spawn"] = "zygote"
+    isolation: bool = True
     defaults: dict[str, Any] = attrs.field(factory=dict)
 
     @classmethod
@@ -138,14 +140,26 @@ def _structure(raw: dict[str, Any], cls: type, file: str) -> Any:
     except ConfigError:
         raise
     except Exception as exc:  # cattrs aggregates every field error into one exception group
+        semantic = _find_config_error(exc)
+        if semantic is not None:
+            raise ConfigError(semantic.message, file=file, key=semantic.key) from None
         problems = describe_error(exc)
         key, message = problems[0]
         if len(problems) > 1:
             message += "; also " + "; ".join(f"{w or 'top level'}: {m}" for w, m in problems[1:])
         raise ConfigError(message, file=file, key=key or None) from None
-    if isinstance(obj, Job):
-        _validate_job(obj, file=file)
     return obj
+
+
+def _find_config_error(exc: BaseException) -> ConfigError | None:
+    """A validation error raised while cattrs built the object (it wraps it in a group)."""
+    if isinstance(exc, ConfigError):
+        return exc
+    for inner in getattr(exc, "exceptions", ()):
+        found = _find_config_error(inner)
+        if found is not None:
+            return found
+    return None
 
 
 def _check_defaults(defaults: dict[str, Any], file: str) -> None:
@@ -198,8 +212,11 @@ def parse_param(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise ConfigError(f"--param {text!r} is not of the form key=value", key="--param")
+    def not_json(name: str) -> Any:
+        raise ValueError(f"{name} is not JSON")
+
     try:
-        return key, json.loads(value)
+        return key, json.loads(value, parse_constant=not_json)
     except ValueError:
         return key, value
 

@@ -23,6 +23,7 @@ class ConfigError(NomaflowError):
     def __init__(self, message: str, *, file: str | None = None, key: str | None = None) -> None:
         self.file = file
         self.key = key
+        self.message = message
         where = file or "<config>"
         if key:
             where = f"{where}: {key}"

@@ -43,6 +43,7 @@ class Reason(enum.StrEnum):
     OUTPUT = "output"
     LOGS = "logs"
     LOST = "lost"
+    SANDBOX = "sandbox"
 
 
 @attrs.frozen

@@ -49,7 +49,7 @@ def resolve_function(ref: str, plugins_dir: str) -> Callable[..., Any]:
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
-        if exc.name and module_name.startswith(exc.name):
+        if exc.name and (module_name == exc.name or module_name.startswith(exc.name + ".")):
             raise ModuleNotFoundError(
                 f"No module named {exc.name!r} in the plugins directory {plugins_dir} "
                 f"(step reference {ref!r})",

@@ -10,7 +10,7 @@ import sys
 import traceback
 from typing import Any
 
-from ..protocol import PROTOCOL_FDS_ENV, PROTOCOL_VERSION, Done, Failed, Ready, Start
+from ..protocol import PROTOCOL_FDS_ENV, PROTOCOL_VERSION, Done, Failed, Ready, Sealed, Start
 from .channel import Channel, adopt_protocol_fds
 from .context import ChildContext
 from .loader import install_plugins_path, resolve_function
@@ -36,6 +36,11 @@ def serve(fd_in: int, fd_out: int) -> None:
     if not isinstance(start, Start) or start.version != PROTOCOL_VERSION:
         print(f"nomaflow child: expected start (protocol {PROTOCOL_VERSION}), got {start!r:.200}", file=sys.stderr)
         os._exit(2)
+    if start.sandbox is not None:
+        # Still single-threaded here: Landlock, no_new_privs and the netns apply per thread.
+        from ..sandbox import SandboxSpec, apply
+
+        channel.send(Sealed(report=apply(SandboxSpec.from_dict(start.sandbox)).to_dict()))
     channel.start_reader()
     run_attempt(channel, start)
     _flush_and_exit(0)

@@ -23,6 +23,7 @@ from . import channel as _channel  # noqa: F401
 from . import context as _context  # noqa: F401
 from . import loader as _loader  # noqa: F401
 from . import runtime
+from .. import sandbox as _sandbox  # noqa: F401
 
 ZYGOTE_FD_ENV = "NOMAFLOW_ZYGOTE_FD"
 _MAX_REQUEST = 1024 * 1024

@@ -50,7 +50,7 @@ def _structure(line: bytes, union: Any, direction: str) -> Any:
     if type(obj) is not dict:
         raise ProtocolError(f"a {direction} message must be a JSON object, got {type(obj).__name__}")
     tag = obj.get("t")
-    if tag not in _ALLOWED_TAGS[direction]:
+    if type(tag) is not str or tag not in _ALLOWED_TAGS[direction]:
         raise ProtocolError(f"unknown {direction} message type {tag!r}")
     try:
         return converter.structure(obj, union)
@@ -77,7 +77,7 @@ def encode(message: ChildMessage | ParentMessage, *, max_line: int = DEFAULT_MAX
             allow_nan=False,
             separators=(",", ":"),
         ).encode("utf-8")
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RecursionError) as exc:
         raise ProtocolError(f"cannot encode {type(message).__name__}: {exc}") from None
     if len(data) + 1 > max_line:
         raise ProtocolError(

@@ -38,6 +38,13 @@ class Ready:
 
 
 @_frozen
+class Sealed:
+    """The sandbox the child applied to itself before importing the plugin: {measure: {applied, detail}}."""
+
+    report: dict[str, dict[str, Any]]
+
+
+@_frozen
 class Log:
     level: LogLevel
     message: str
@@ -118,6 +125,7 @@ class Start:
     previous_steps: dict[str, dict[str, Any]] = attrs.field(factory=dict)
     connectors: list[str] = attrs.field(factory=list)
     max_output_bytes: int = 64 * 1024
+    sandbox: dict[str, Any] | None = None
 
 
 @_frozen
@@ -147,14 +155,15 @@ class Cancel:
     stage: CancelStage = "flag"
 
 
-ChildMessage = Ready | Log | Call | StreamOpen | StreamMore | StreamClose | Done | Failed
+ChildMessage = Ready | Sealed | Log | Call | StreamOpen | StreamMore | StreamClose | Done | Failed
 ParentMessage = Start | Reply | Rows | Cancel
 
-CHILD_MESSAGES: tuple[type, ...] = (Ready, Log, Call, StreamOpen, StreamMore, StreamClose, Done, Failed)
+CHILD_MESSAGES: tuple[type, ...] = (Ready, Sealed, Log, Call, StreamOpen, StreamMore, StreamClose, Done, Failed)
 PARENT_MESSAGES: tuple[type, ...] = (Start, Reply, Rows, Cancel)
 
 TAGS: dict[type, str] = {
     Ready: "ready",
+    Sealed: "sealed",
     Log: "log",
     Call: "call",
     StreamOpen: "stream_open",

@@ -22,11 +22,21 @@ class LogSink:
         self._store = store
         self._listeners = listeners
         self._send, self._receive = trio.open_memory_channel[LogLine | trio.Event](CAPACITY)
+        self._spill: list[LogLine] = []
 
     async def put(self, line: LogLine) -> None:
         for listener in self._listeners:
             listener(line)
         await self._send.send(line)
+
+    def put_nowait(self, line: LogLine) -> None:
+        """For synchronous callers (connector call notes); a full buffer spills into the next batch."""
+        for listener in self._listeners:
+            listener(line)
+        try:
+            self._send.send_nowait(line)
+        except trio.WouldBlock:
+            self._spill.append(line)
 
     async def flush(self) -> None:
         """Return once every line put before this call is committed."""
@@ -56,6 +66,9 @@ class LogSink:
                         item = self._receive.receive_nowait()
                     except (trio.WouldBlock, trio.EndOfChannel):
                         break
+                if self._spill:
+                    batch.extend(self._spill)
+                    self._spill = []
                 if batch:
                     await trio.to_thread.run_sync(self._store.append_logs, batch)
                 for barrier in barriers:

@@ -26,6 +26,7 @@ from ..protocol import PROTOCOL_VERSION, Start
 from ..types import Status
 from .logsink import LogSink
 from .processes import become_subreaper
+from .containment import Containment
 from .session import AttemptOutcome, AttemptSession
 from .spawn import ChildHandle, child_environment, spawn_child
 from .zygote import Zygote, ZygoteError
@@ -66,6 +67,7 @@ class Supervisor:
         session_user: str = "api",
         on_log: Callable[[LogLine], None] | None = None,
         start_mode: StartMode = "zygote",
+        isolation: bool = True,
     ) -> None:
         if start_mode not in ("zygote", "spawn"):
             raise ConfigError(f"start_mode must be 'zygote' or 'spawn', got {start_mode!r}", key="start_mode")
@@ -73,6 +75,7 @@ class Supervisor:
         self.start_mode_note = ""
         self._zygote: Zygote | None = None
         self.plugins = Path(plugins).resolve()
+        self.containment = Containment(plugins=self.plugins, enabled=isolation)
         self.history_path = str(history)
         self.connectors_path = Path(connectors) if connectors is not None else None
         self.session_user = session_user
@@ -97,6 +100,16 @@ class Supervisor:
         stack = contextlib.AsyncExitStack()
         await stack.__aenter__()
         try:
+            await self.containment.open()
+            stack.push_async_callback(self.containment.close)
+            cgroups = self.containment.cgroups
+            if self.start_mode == "zygote" and (cgroups is None or not cgroups.enabled):
+                self.start_mode = "spawn"
+                self.start_mode_note = (
+                    "zygote unavailable: without cgroups a forked attempt's daemons cannot be found for killing; "
+                    "spawning instead"
+                )
+                _log.warning(self.start_mode_note)
             if self.start_mode == "zygote":
                 if subreaper:
                     self._zygote = Zygote(child_environment(workdir="/"))
@@ -366,7 +379,14 @@ class Supervisor:
             connectors=list(step.connectors),
             max_output_bytes=step.limits.max_output_kb * 1024,
         )
-        connectors = self._connectors.session(step.name, step.connectors) if self._connectors else None
+        def on_call(text: str) -> None:
+            sink.put_nowait(
+                LogLine(run_id=run_id, ts=time.time(), level="DEBUG", stream="system", message=text, step=step.name, attempt=attempt)
+            )
+
+        connectors = (
+            self._connectors.session(step.name, step.connectors, on_call=on_call) if self._connectors else None
+        )
         async with contextlib.AsyncExitStack() as stack:
             scope = await stack.enter_async_context(connectors) if connectors is not None else None
             session = AttemptSession(
@@ -377,6 +397,7 @@ class Supervisor:
                 connectors=scope,
                 spare_pids=self._live_pids,
                 start_child=self._start_child,
+                containment=self.containment,
             )
             self._sessions.add(session)
             try:

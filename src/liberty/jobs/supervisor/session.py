@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import signal
 import shutil
 import tempfile
 import time
@@ -40,6 +41,7 @@ from ..protocol import (
     Ready,
     Reply,
     Rows,
+    Sealed,
     Start,
     StreamClose,
     StreamMore,
@@ -49,6 +51,8 @@ from ..protocol import (
 )
 from ..types import Reason, Status
 from .processes import kill_tree, signal_name, tree_pids
+from .cgroups import AttemptCgroup, CgroupError
+from .containment import Containment, sandbox_problem, sandbox_summary
 from .spawn import ChildHandle, child_environment, spawn_child
 
 Emit = Callable[[str, str, str], Awaitable[None]]
@@ -63,6 +67,7 @@ OUTPUT_DRAIN_TIMEOUT = 2.0
 MAX_OUTPUT_LINE = 64 * 1024
 STDERR_TAIL_LINES = 20
 USAGE_INTERVAL = 1.0
+MAX_OUTPUT_DEPTH = 64
 
 
 @attrs.frozen(kw_only=True)
@@ -94,8 +99,14 @@ class AttemptSession:
         connectors: Any | None = None,
         spare_pids: Callable[[], set[int]] = set,
         start_child: StartChild = spawn_child,
+        containment: Containment | None = None,
     ) -> None:
         self._start_child = start_child
+        self._containment = containment
+        self._group: AttemptCgroup | None = None
+        self._group_usage: dict[str, Any] = {}
+        self._sandbox_report: dict[str, Any] | None = None
+        self._refusal: tuple[Reason, str, str] | None = None  # (reason, type, message): the supervisor stopped it
         self._start = start
         self._step = step
         self._emit_raw = emit
@@ -126,6 +137,7 @@ class AttemptSession:
         self._max_procs = 1
         self._pumps_left = 2
         self._pumps_done = trio.Event()
+        self._watchdog: str | None = None
         self.pid: int | None = None
 
     # -- the attempt ------------------------------------------------------
@@ -148,13 +160,19 @@ class AttemptSession:
             self.pid = child.pid
             self._child_stream = child.to_child
             try:
+                if self._containment is not None:
+                    self._start = attrs.evolve(
+                        self._start, sandbox=self._containment.sandbox_spec(self._step.limits, workdir)
+                    )
+                    await self._contain(child)
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._pump_output, child.stdout, "stdout")
                     nursery.start_soon(self._pump_output, child.stderr, "stderr")
                     nursery.start_soon(self._read_protocol, child, nursery)
                     nursery.start_soon(self._watch_exit, child.pid)
                     nursery.start_soon(self._sample_usage, child.pid)
-                    await self._drive(child, t0)
+                    if self._refusal is None:
+                        await self._drive(child, t0)
                     self._kill(child)
                     with trio.move_on_after(OUTPUT_DRAIN_TIMEOUT):
                         await self._pumps_done.wait()
@@ -167,6 +185,8 @@ class AttemptSession:
                     except ChildProcessError as exc:
                         await self._note("WARNING", f"could not collect the child's exit status: {exc}")
                     await child.aclose()
+                    if self._group is not None and self._containment is not None:
+                        self._group_usage = await self._containment.release(self._group)
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
         if self._log_dropped:
@@ -174,6 +194,20 @@ class AttemptSession:
                 "WARNING", "system", f"{self._log_dropped} log lines dropped past the {self._step.limits.max_log_mb} MiB log cap"
             )
         return self._outcome(returncode, time.monotonic() - t0)
+
+    async def _contain(self, child: ChildHandle) -> None:
+        """Into its own cgroup before the child runs any plugin code (it waits for `start`)."""
+        assert self._containment is not None
+        name = f"{self._start.run_id}-{self._start.step}-{self._start.attempt}-{self._token[:8]}"
+        try:
+            self._group = await self._containment.contain(name, child.pid, self._step.limits)
+        except (CgroupError, OSError, ValueError) as exc:
+            self._refuse(Reason.SANDBOX, "SandboxError", f"could not put the step in its own cgroup: {exc}")
+
+    def _refuse(self, reason: Reason, type_: str, message: str) -> None:
+        if self._refusal is None:
+            self._refusal = (reason, type_, message)
+        self._settled.set()
 
     async def _drive(self, child: ChildHandle, t0: float) -> None:
         with trio.move_on_after(STARTUP_TIMEOUT):
@@ -183,7 +217,11 @@ class AttemptSession:
         if not self._ready.is_set():
             self._protocol_violation(f"no 'ready' message within {STARTUP_TIMEOUT:.0f} s of start")
             return
-        await self._send(self._start)
+        try:
+            await self._send(self._start)
+        except ProtocolError as exc:
+            self._refuse(Reason.EXCEPTION, "InvalidParams", f"the step's start message cannot be sent: {exc}")
+            return
         deadline = t0 + self._step.timeout_seconds
         with trio.move_on_at(trio.current_time() + max(0.0, deadline - time.monotonic())):
             await _first(self._settled.wait, self._cancel.wait)
@@ -215,20 +253,69 @@ class AttemptSession:
         self._stop_note = f"its process tree was killed after the {grace:g} s grace period"
 
     def _kill(self, child: ChildHandle) -> None:
-        kill_tree(child.pid, token=self._token, known=self._seen.values(), spare=self._spare_pids() - {child.pid})
+        if self._group is not None:
+            self._group.kill()  # the whole population, daemons that left the tree included
+        kill_tree(
+            child.pid,
+            token=None if self._group is not None else self._token,
+            known=self._seen.values(),
+            spare=self._spare_pids() - {child.pid},
+        )
 
     # -- outcome ----------------------------------------------------------
 
+    def _limit_hit(self, returncode: int | None) -> str | None:
+        """Which limit stopped or hampered the step, from the kernel's evidence."""
+        limits = self._step.limits
+        g = self._group_usage
+        if (g.get("oom_kills") or 0) > 0 or self._watchdog == "memory":
+            return "memory"
+        if limits.cpu_seconds and (
+            returncode == -signal.SIGXCPU or (returncode == -signal.SIGKILL and self._cpu_s >= limits.cpu_seconds)
+        ):
+            return "cpu"
+        if (g.get("pids_limit_hits") or 0) > 0:
+            return "processes"
+        if isinstance(self._result, Failed):
+            for marker, hit in (("[Errno 27]", "file_size"), ("[Errno 24]", "open_files")):
+                if marker in self._result.message:
+                    return hit
+        return None
+
     def _outcome(self, returncode: int | None, wall_s: float) -> AttemptOutcome:
-        usage = {"max_processes": self._max_procs, "exit": signal_name(returncode) if returncode is not None else None}
+        g = self._group_usage
+        peak = max(self._peak_rss, g.get("peak_memory_bytes") or 0)
+        limit_hit = self._limit_hit(returncode)
+        usage: dict[str, Any] = {
+            "max_processes": max(self._max_procs, g.get("pids_peak") or 0),
+            "exit": signal_name(returncode) if returncode is not None else None,
+            "limit_hit": limit_hit,
+            "cgroup": self._group is not None,
+        }
+        if self._sandbox_report is not None:
+            usage["sandbox"] = {k: v.get("applied") for k, v in self._sandbox_report.items() if isinstance(v, dict)}
         common = dict(
             exit_code=returncode,
             wall_s=round(wall_s, 4),
-            cpu_s=round(self._cpu_s, 4),
-            peak_rss_mb=round(self._peak_rss / (1024 * 1024), 2),
+            cpu_s=round(max(self._cpu_s, g.get("cpu_seconds") or 0.0), 4),
+            peak_rss_mb=round(peak / (1024 * 1024), 2),
             usage=usage,
         )
         trace = self._result.traceback if isinstance(self._result, Failed) else ""
+        if self._refusal is not None and self._stop is None:
+            reason, type_, message = self._refusal
+            return AttemptOutcome(status=Status.FAILED, reason=reason, error=_error(type_, message, ""), **common)
+        if limit_hit in ("memory", "cpu") and self._stop is None and not isinstance(self._result, Done):
+            limits = self._step.limits
+            message = (
+                f"step exceeded limits.memory_mb={limits.memory_mb} (killed by the out-of-memory killer)"
+                if limit_hit == "memory"
+                else f"step exceeded limits.cpu_seconds={limits.cpu_seconds:g} of CPU time ({signal_name(returncode or 0)})"
+            )
+            type_ = "MemoryLimitExceeded" if limit_hit == "memory" else "CpuLimitExceeded"
+            return AttemptOutcome(
+                status=Status.FAILED, reason=Reason(limit_hit), error=_error(type_, message, trace), **common
+            )
         if self._stop == _StopKind.TIMEOUT:
             msg = f"step exceeded timeout_seconds={self._step.timeout_seconds:g}; {self._stop_note or 'it ended'}"
             return AttemptOutcome(
@@ -305,6 +392,16 @@ class AttemptSession:
             return None
         if self._result is not None:
             return self._protocol_violation(f"{type(msg).__name__.lower()} message after the step's result")
+        if self._start.sandbox is not None and self._sandbox_report is None:
+            if not isinstance(msg, Sealed):
+                return self._protocol_violation(f"expected 'sealed' after start, got {type(msg).__name__.lower()}")
+            self._sandbox_report = msg.report
+            problem = sandbox_problem(msg.report)
+            if problem:
+                self._refuse(Reason.SANDBOX, "SandboxError", f"the sandbox could not be applied, so the step was not run: {problem}")
+            return None
+        if isinstance(msg, Sealed):
+            return self._protocol_violation("unexpected 'sealed' message")
         if isinstance(msg, Log):
             await self._log(msg.level, "log", msg.message)
         elif isinstance(msg, Call):
@@ -331,7 +428,14 @@ class AttemptSession:
             stream.grant(1)
         elif isinstance(msg, Done):
             size = len(json.dumps(msg.output, ensure_ascii=False).encode("utf-8"))
-            if size > self._start.max_output_bytes:
+            depth = _depth(msg.output)
+            if depth > MAX_OUTPUT_DEPTH:
+                self._result = Failed(
+                    kind="output",
+                    type="OutputError",
+                    message=f"step output is nested {depth} levels deep, over the {MAX_OUTPUT_DEPTH}-level cap; return a flatter structure",
+                )
+            elif size > self._start.max_output_bytes:
                 self._result = Failed(
                     kind="output",
                     type="OutputError",
@@ -524,6 +628,11 @@ class AttemptSession:
                         pass
             self._max_procs = max(self._max_procs, len(pids))
             self._peak_rss = max(self._peak_rss, rss)
+            limit = self._step.limits.memory_mb
+            if limit and (self._group is None or self._group.memory_limit_bytes is None) and rss > limit * 1024 * 1024:
+                self._watchdog = "memory"  # no cgroup to enforce it: the RSS watchdog does
+                self._settled.set()
+                return
             self._sample_cpu(pid)
             await trio.sleep(interval)
             interval = min(interval * 2, USAGE_INTERVAL)
@@ -560,6 +669,19 @@ def _vm_hwm(pid: int) -> int:
     except (OSError, ValueError, IndexError):
         pass
     return 0
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of a JSON value, without recursion (the value came from a child)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        deepest = max(deepest, level)
+        if isinstance(item, dict):
+            stack.extend((v, level + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, level + 1) for v in item)
+    return deepest
 
 
 def _rss(pid: int) -> int:

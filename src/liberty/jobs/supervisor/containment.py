@@ -1,0 +1,118 @@
+"""What this host can enforce, decided once per Supervisor, applied per attempt.
+
+Kernel-enforced where possible: a cgroup per attempt (memory, pids, kill of
+the whole population), and inside the child a sandbox sealed before the
+plugin is imported (rlimits, Landlock, a private network namespace, dropped
+capabilities, no_new_privs).  A protection the host lacks is detected at start
+and reported by `nomaflow doctor`; one that the host has but that fails for
+an attempt fails that attempt closed instead of running the plugin unprotected.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from ..config import Limits
+from ..sandbox import SandboxSpec, default_readable
+from ..sandbox.prctl import set_dumpable
+from .cgroups import AttemptCgroup, CgroupManager
+
+_log = logging.getLogger(__name__)
+
+# The child's own fds (stdio, protocol, asyncio's self-pipe, the reader) and
+# threads (reader, to_thread workers) are not the plugin's to count.
+FD_RESERVE = 16
+THREAD_RESERVE = 8
+# Measures whose failure is a known, reported gap rather than a broken sandbox.
+_TOLERATED = {"rlimit_nproc", "network_fallback"}
+_NAME = re.compile(r"[^A-Za-z0-9_.-]")
+
+
+class Containment:
+    def __init__(self, *, plugins: Path, enabled: bool = True) -> None:
+        self.plugins = plugins
+        self.enabled = enabled
+        self.cgroups: CgroupManager | None = None
+        self.notes: list[str] = []
+
+    async def open(self) -> None:
+        if not self.enabled:
+            self.notes.append("isolation is off (isolation = false): steps run without a sandbox or cgroup")
+            return
+        set_dumpable(False)
+        self.cgroups = await trio.to_thread.run_sync(CgroupManager)
+        if not self.cgroups.enabled:
+            self.notes.append(f"no cgroups ({self.cgroups.support.summary()}): falling back to process-group kills and an RSS watchdog")
+        elif self.cgroups.support.missing:
+            self.notes.append(f"cgroups partial: {self.cgroups.support.summary()}")
+        stale = await trio.to_thread.run_sync(self.cgroups.cleanup_stale)
+        for item in stale:
+            self.notes.append(f"cleaned up cgroups of a dead supervisor ({item.tag}): killed {item.processes_killed} process(es)")
+        for note in self.notes:
+            _log.warning(note)
+
+    async def close(self) -> None:
+        if self.cgroups is not None:
+            await trio.to_thread.run_sync(self.cgroups.close)
+
+    def sandbox_spec(self, limits: Limits, workdir: str) -> dict[str, Any] | None:
+        if not self.enabled:
+            return None
+        for path in limits.writable:
+            # A declared directory that does not exist yet is created, so the rule can name it.
+            Path(path).mkdir(parents=True, exist_ok=True)
+        return SandboxSpec(
+            workdir=workdir,
+            cpu_seconds=limits.cpu_seconds,
+            max_open_files=limits.max_open_files + FD_RESERVE if limits.max_open_files else None,
+            max_file_mb=limits.max_file_mb,
+            max_processes=limits.max_processes + THREAD_RESERVE if limits.max_processes else None,
+            network=limits.network,
+            readable=default_readable(str(self.plugins), *limits.readable),
+            writable=list(limits.writable),
+        ).to_dict()
+
+    async def contain(self, name: str, pid: int, limits: Limits) -> AttemptCgroup | None:
+        """Move the attempt's process into a fresh cgroup before it runs any plugin code."""
+        if self.cgroups is None or not self.cgroups.enabled:
+            return None
+        max_processes = limits.max_processes + THREAD_RESERVE if limits.max_processes else None
+        group = await trio.to_thread.run_sync(
+            lambda: self.cgroups.create(_NAME.sub("_", name)[:120], memory_mb=limits.memory_mb, max_processes=max_processes)  # type: ignore[union-attr]
+        )
+        if group is not None:
+            await trio.to_thread.run_sync(group.add, pid)
+        return group
+
+    async def release(self, group: AttemptCgroup) -> dict[str, Any]:
+        """Kill what is left, read the usage, remove the cgroup."""
+        def finish() -> dict[str, Any]:
+            group.kill()
+            usage = dict(group.usage())
+            assert self.cgroups is not None
+            self.cgroups.release(group)
+            return usage
+
+        with trio.CancelScope(shield=True):
+            return await trio.to_thread.run_sync(finish)
+
+
+def sandbox_problem(report: dict[str, Any]) -> str | None:
+    """The reason to refuse running a plugin after this sandbox report, or None."""
+    failed = [
+        f"{name}: {m.get('detail', '')}"
+        for name, m in report.items()
+        if isinstance(m, dict) and not m.get("applied") and name not in _TOLERATED
+    ]
+    return "; ".join(failed) or None
+
+
+def sandbox_summary(report: dict[str, Any]) -> str:
+    on = [n for n, m in report.items() if isinstance(m, dict) and m.get("applied") and n not in ("single_thread", "rlimit_core")]
+    off = [n for n, m in report.items() if isinstance(m, dict) and not m.get("applied")]
+    return f"sandbox: {', '.join(on)}" + (f"; not applied: {', '.join(off)}" if off else "")
