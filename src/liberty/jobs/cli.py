@@ -127,6 +127,8 @@ def _execute(cfg: _Config, job: Job, params: dict[str, Any], as_json: bool, quie
             connectors=_connectors_path(cfg),
             session_user="cli",
             on_log=on_log,
+            start_mode=cfg.settings.start_mode,
+            isolation=cfg.settings.isolation,
         ) as sup:
             handle = await sup.start(job, params, session_user="cli")
             if not quiet:
@@ -155,27 +157,35 @@ def _execute(cfg: _Config, job: Job, params: dict[str, Any], as_json: bool, quie
 
 
 def _print_summary(run: Any) -> None:
-    table = Table(title=f"run {run.run_id} · {run.job} · [{_STATUS_STYLE.get(run.status, '')}]{run.status}[/]",
+    """A table of steps and usage, then each step's output or error on its own line."""
+    table = Table(title=f"run {run.run_id} · {escape(run.job)} · [{_STATUS_STYLE.get(run.status, '')}]{run.status}[/]",
                   title_justify="left")
-    for col in ("step", "status", "attempts", "wall s", "cpu s", "peak MiB", "output / error"):
-        table.add_column(col, overflow="fold")
+    for col in ("step", "status", "tries", "wall s", "cpu s", "peak MiB", "pids", "limit hit"):
+        table.add_column(col, no_wrap=col != "step", overflow="fold")
+    details = []
     for step in run.steps:
-        if step.error:
-            detail = f"[red]{escape(step.error.get('type', ''))}[/]: {escape(str(step.error.get('message', '')))}"
-        elif step.output is not None:
-            detail = escape(json.dumps(step.output)[:200])
-        else:
-            detail = "[dim]no output[/]"
+        usage = step.attempt_records[-1].usage if step.attempt_records else {}
         table.add_row(
-            step.name,
+            escape(step.name),
             f"[{_STATUS_STYLE.get(step.status, '')}]{step.status}[/]",
             str(step.attempts),
             f"{step.wall_s:.2f}",
             f"{step.cpu_s:.2f}",
             f"{step.peak_rss_mb:.1f}",
-            detail,
+            str(usage.get("max_processes", "")),
+            str(usage.get("limit_hit") or ""),
         )
+        if step.error:
+            details.append(f"[bold]{escape(step.name)}[/] [red]{escape(str(step.error.get('type', '')))}[/] "
+                           f"({escape(str(step.error.get('reason')))}): {escape(str(step.error.get('message', '')))}")
+        elif step.output is not None:
+            text = json.dumps(step.output)
+            details.append(f"[bold]{escape(step.name)}[/] → {escape(text if len(text) <= 300 else text[:297] + '...')}")
+        elif step.status == "SUCCEEDED":
+            details.append(f"[bold]{escape(step.name)}[/] → [dim]no output[/]")
     out.print(table)
+    for line in details:
+        out.print(line)
 
 
 _param_option = click.option(
@@ -334,6 +344,109 @@ def cancel(cfg: _Config, run_id: str, as_json: bool) -> None:
     else:
         out.print(f"run [bold]{full_id}[/] already ended: {status}")
     sys.exit(EXIT_OK if requested else EXIT_FAILED)
+
+
+@cli.command()
+@_json_option
+@click.pass_obj
+def doctor(cfg: _Config, as_json: bool) -> None:
+    """Which protections this host gives a step (cgroups, Landlock, namespaces, rlimits…) and why any is missing."""
+    from .supervisor.doctor import diagnose
+
+    found = diagnose(cfg.plugins)
+    if as_json:
+        out.print_json(json.dumps([{"name": p.name, "active": p.active, "detail": p.detail} for p in found]))
+        return
+    table = Table(title="protections on this host", title_justify="left")
+    for col in ("protection", "active", "detail"):
+        table.add_column(col, overflow="fold")
+    for p in found:
+        table.add_row(p.name, "[green]yes[/]" if p.active else "[bold red]no[/]", escape(p.detail))
+    out.print(table)
+    missing = [p.name for p in found if not p.active]
+    if missing:
+        out.print(f"[yellow]missing: {', '.join(missing)}[/] — steps still run, with the fallbacks named above")
+
+
+@cli.group()
+def connectors() -> None:
+    """Inspect connectors.toml, check connectivity, encrypt secrets."""
+
+
+def _load_connector_configs(cfg: _Config) -> dict[str, Any]:
+    import os
+
+    from .connectors import load_connectors
+
+    path = Path(cfg.connectors)
+    if not path.exists():
+        raise ConfigError("connectors file not found; create it or pass --connectors", file=str(path))
+    return load_connectors(path, environ=os.environ)
+
+
+@connectors.command("list")
+@_json_option
+@click.pass_obj
+def connectors_list(cfg: _Config, as_json: bool) -> None:
+    """List the declared connectors (never their secrets)."""
+    configs = _load_connector_configs(cfg)
+    if as_json:
+        out.print_json(json.dumps([{"name": n, "type": c.type, "summary": c.summary} for n, c in configs.items()]))
+        return
+    table = Table()
+    for col in ("name", "type", "where"):
+        table.add_column(col)
+    for name, c in configs.items():
+        table.add_row(name, c.type, escape(c.summary))
+    out.print(table)
+
+
+@connectors.command("test")
+@click.argument("name")
+@click.pass_obj
+def connectors_test(cfg: _Config, name: str) -> None:
+    """Connect to NAME and run a trivial check; prints no secret."""
+    import trio
+
+    from .connectors import ConnectorRegistry
+
+    configs = _load_connector_configs(cfg)
+    if name not in configs:
+        raise ConfigError(f"no connector named {name!r}; declared: {', '.join(configs) or 'none'}", file=cfg.connectors)
+
+    async def check() -> str:
+        async with ConnectorRegistry(configs) as registry:
+            return await registry.check(name)
+
+    try:
+        result = trio.run(check)
+    except Exception as exc:  # the driver's own error, shown to the operator
+        err.print(f"[bold red]{escape(name)}: FAILED[/] {type(exc).__name__}: {escape(str(exc))}")
+        sys.exit(EXIT_FAILED)
+    out.print(f"[green]{escape(name)}: OK[/] {escape(result)}")
+
+
+@connectors.command("encrypt")
+@click.option("--generate-key", is_flag=True, help="Print a new NOMAFLOW_SECRET_KEY instead.")
+def connectors_encrypt(generate_key: bool) -> None:
+    """Encrypt a secret (read from stdin) with $NOMAFLOW_SECRET_KEY, for a `*_encrypted` value."""
+    import os
+
+    from .connectors import SECRET_KEY_ENV, encrypt_secret
+    from .connectors import generate_key as new_key
+
+    if generate_key:
+        out.print(new_key(), markup=False)
+        return
+    key = os.environ.get(SECRET_KEY_ENV)
+    if not key:
+        raise ConfigError(f"set {SECRET_KEY_ENV} first (generate one with `nomaflow connectors encrypt --generate-key`)",
+                          key=SECRET_KEY_ENV)
+    secret = click.get_text_stream("stdin").read().rstrip("\n") if not sys.stdin.isatty() else click.prompt(
+        "secret", hide_input=True)
+    if not secret:
+        raise ConfigError("empty secret on stdin", key="stdin")
+    out.print(encrypt_secret(secret, key), markup=False)
 
 
 def _runner_error(exc: BaseException) -> NomaflowError | None:

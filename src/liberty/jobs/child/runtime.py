@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import inspect
 import json
 import os
+import signal
 import sys
 import traceback
 from typing import Any
@@ -41,6 +43,9 @@ def serve(fd_in: int, fd_out: int) -> None:
         from ..sandbox import SandboxSpec, apply
 
         channel.send(Sealed(report=apply(SandboxSpec.from_dict(start.sandbox)).to_dict()))
+    # SIGUSR1 from the supervisor before a hard kill: every thread's stack to stderr, even
+    # while Python code holds the GIL in a tight loop, so the log shows where it stopped.
+    faulthandler.register(signal.SIGUSR1, file=sys.__stderr__, all_threads=True)
     channel.start_reader()
     run_attempt(channel, start)
     _flush_and_exit(0)

@@ -68,6 +68,7 @@ MAX_OUTPUT_LINE = 64 * 1024
 STDERR_TAIL_LINES = 20
 USAGE_INTERVAL = 1.0
 MAX_OUTPUT_DEPTH = 64
+STACK_DUMP_WAIT = 0.5
 
 
 @attrs.frozen(kw_only=True)
@@ -127,6 +128,7 @@ class AttemptSession:
         self._stop_note = ""
         self._calls: set[int] = set()
         self._streams: dict[int, _ServedStream] = {}
+        self._ended_streams: set[int] = set()  # the child may still grant credit or close: its messages cross ours
         self._stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
         self._log_bytes = 0
         self._log_cap = step.limits.max_log_mb * 1024 * 1024
@@ -138,6 +140,7 @@ class AttemptSession:
         self._pumps_left = 2
         self._pumps_done = trio.Event()
         self._watchdog: str | None = None
+        self._stack_dump: list[str] | None = None
         self.pid: int | None = None
 
     # -- the attempt ------------------------------------------------------
@@ -251,6 +254,21 @@ class AttemptSession:
             return
         await self._note("WARNING", f"still running after the {grace:g} s grace period; killing its process tree")
         self._stop_note = f"its process tree was killed after the {grace:g} s grace period"
+        await self._dump_stacks()
+
+    async def _dump_stacks(self) -> None:
+        """Ask the child for its threads' stacks (faulthandler on SIGUSR1) so the record shows where it stopped."""
+        if self.pid is None:
+            return
+        self._stack_dump = []
+        try:
+            os.kill(self.pid, signal.SIGUSR1)
+        except ProcessLookupError:
+            return
+        with trio.move_on_after(STACK_DUMP_WAIT):
+            while not any(line.startswith("  File") for line in self._stack_dump):
+                await trio.sleep(0.02)
+            await trio.sleep(0.05)
 
     def _kill(self, child: ChildHandle) -> None:
         if self._group is not None:
@@ -302,6 +320,8 @@ class AttemptSession:
             usage=usage,
         )
         trace = self._result.traceback if isinstance(self._result, Failed) else ""
+        if not trace and self._stack_dump:
+            trace = "Stacks when it was killed (faulthandler):\n" + "\n".join(self._stack_dump)
         if self._refusal is not None and self._stop is None:
             reason, type_, message = self._refusal
             return AttemptOutcome(status=Status.FAILED, reason=reason, error=_error(type_, message, ""), **common)
@@ -410,11 +430,13 @@ class AttemptSession:
             self._calls.add(msg.id)
             nursery.start_soon(self._serve_call, msg)
         elif isinstance(msg, StreamOpen):
-            if msg.id in self._streams or msg.credit < 1 or msg.batch_size < 1:
+            if msg.id in self._streams or msg.id in self._ended_streams or msg.credit < 1 or msg.batch_size < 1:
                 return self._protocol_violation(f"bad stream_open (id {msg.id}, credit {msg.credit}, batch {msg.batch_size})")
             stream = _ServedStream(msg)
             self._streams[msg.id] = stream
             nursery.start_soon(self._serve_stream, stream)
+        elif isinstance(msg, (StreamMore, StreamClose)) and msg.id in self._ended_streams:
+            return None
         elif isinstance(msg, StreamMore):
             stream = self._streams.get(msg.id)
             if stream is None or msg.credit < 1:
@@ -528,6 +550,7 @@ class AttemptSession:
             await self._send(Rows(id=stream.open.id, done=True, error=encode_exception(exc)))
         finally:
             self._streams.pop(stream.open.id, None)
+            self._ended_streams.add(stream.open.id)
             if sid is not None and self._connectors is not None:
                 with trio.CancelScope(shield=True):
                     await self._connectors.stream_close(sid)
@@ -582,6 +605,8 @@ class AttemptSession:
     async def _output_line(self, level: str, name: str, line: str) -> None:
         if name == "stderr":
             self._stderr_tail.append(line)
+            if self._stack_dump is not None and len(self._stack_dump) < 400:
+                self._stack_dump.append(line)
         await self._log(level, name, line)
 
     async def _watch_exit(self, pid: int) -> None:
