@@ -7,9 +7,7 @@ measured in the same run on this machine (absolute times here are noisy).
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import json
-import multiprocessing
 import os
 import statistics
 import subprocess
@@ -68,18 +66,10 @@ def baseline_raw_fork(n: int) -> list[float]:
     return out
 
 
-def _noop(_: object = None) -> None:
-    return None
-
-
 def baseline_forkserver_pool(n: int) -> float:
-    """Tasks/s of ProcessPoolExecutor(forkserver, max_tasks_per_child=1): a fresh process per task."""
-    ctx = multiprocessing.get_context("forkserver")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=os.cpu_count(), mp_context=ctx, max_tasks_per_child=1) as pool:
-        list(pool.map(_noop, range(4)))  # warm the fork server
-        t0 = time.perf_counter()
-        list(pool.map(_noop, range(n)))
-        return n / (time.perf_counter() - t0)
+    """Tasks/s of a fresh-process-per-task forkserver pool, in a lean process of its own."""
+    out = subprocess.run([sys.executable, str(HERE / "pool_task.py"), str(n)], capture_output=True, text=True, check=True)
+    return float(out.stdout)
 
 
 def baseline_pipe_lines(n: int) -> float:

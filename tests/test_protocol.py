@@ -26,6 +26,7 @@ from liberty.jobs.protocol import (
     Ready,
     Reply,
     Rows,
+    Sealed,
     Start,
     StreamClose,
     StreamMore,
@@ -37,7 +38,7 @@ from liberty.jobs.protocol import (
 
 # Listed by hand on purpose: the meta-test below compares these lists with the
 # protocol's own tuples, so a message added without a round-trip test fails.
-ROUND_TRIP_CHILD = [Ready, Log, Call, StreamOpen, StreamMore, StreamClose, Done, Failed]
+ROUND_TRIP_CHILD = [Ready, Sealed, Log, Call, StreamOpen, StreamMore, StreamClose, Done, Failed]
 ROUND_TRIP_PARENT = [Start, Reply, Rows, Cancel]
 
 DECODERS = {"child": decode_child_message, "parent": decode_parent_message}
@@ -93,7 +94,7 @@ def message_strategy(cls: type) -> st.SearchStrategy[Any]:
 
 def _valid_example(cls: type) -> dict[str, Any]:
     """The wire form of a minimal valid message of `cls` (all required fields filled)."""
-    samples: dict[Any, Any] = {int: 1, str: "x", bool: True}
+    samples: dict[Any, Any] = {int: 1, str: "x", bool: True, dict[str, dict[str, Any]]: {"m": {"applied": True}}}
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for f in attrs.fields(cls):

@@ -50,6 +50,11 @@ def step(python: str, name: str = "s", **kwargs: Any) -> Step:
     return Step(name=name, python=python, **kwargs)
 
 
+def writable(*paths: Path) -> Limits:
+    """The sandbox lets a step write only its work dir and what it declares."""
+    return Limits(writable=[str(p) for p in paths])
+
+
 def job(*steps: Step, **kwargs: Any) -> Job:
     return Job(name=kwargs.pop("name", "test-job"), steps=list(steps), **kwargs)
 
@@ -113,7 +118,11 @@ async def test_spec_generate_monthly_writes_its_pdf(tmp_path: Path) -> None:
     run, logs = await run_job(
         SPEC_PLUGINS,
         job(
-            step("reports.summary:generate_monthly", op_kwargs={"target_path": str(target)}),
+            step(
+                "reports.summary:generate_monthly",
+                op_kwargs={"target_path": str(target)},
+                limits=writable(target.parent),
+            ),
             params={"period": "2026-04"},
         ),
     )
@@ -170,7 +179,10 @@ async def test_spec_prune_attachments_resolves_through_the_package(tmp_path: Pat
     new.write_bytes(b"y")
     os.utime(old, (time.time() - 90 * 86400,) * 2)
     run, _ = await run_step(
-        SPEC_PLUGINS, "housekeeping:prune_attachments", op_kwargs={"directory": str(tmp_path), "older_than_days": 30}
+        SPEC_PLUGINS,
+        "housekeeping:prune_attachments",
+        op_kwargs={"directory": str(tmp_path), "older_than_days": 30},
+        limits=writable(tmp_path),
     )
     assert run.status == "SUCCEEDED" and run.steps[0].output == {"deleted": 1, "kept": 1}
     assert not old.exists() and new.exists()
@@ -472,6 +484,7 @@ async def test_sync_step_ignoring_sigterm_is_timed_out_and_killed(plugins: Path,
         timeout_seconds=1,
         cancel_grace_seconds=1,
         op_kwargs={"pidfile": str(pidfile)},
+        limits=writable(tmp_path),
         start_mode=start_mode,
     )
     assert time.monotonic() - t0 < 10
@@ -513,8 +526,9 @@ async def test_non_cooperative_cancel_kills_after_the_grace(plugins: Path, tmp_p
         """,
     )
     marker = tmp_path / "started"
+    spin = step(f"{mod}:spin", cancel_grace_seconds=1, op_kwargs={"marker": str(marker)}, limits=writable(tmp_path))
     async with supervisor(plugins) as sup:
-        handle = await sup.start(job(step(f"{mod}:spin", cancel_grace_seconds=1, op_kwargs={"marker": str(marker)})))
+        handle = await sup.start(job(spin))
         await wait_for_file(marker)
         t0 = time.monotonic()
         await sup.cancel(handle.run_id)
@@ -541,8 +555,9 @@ async def test_is_cancelled_turns_true_while_a_sync_step_blocks(plugins: Path, t
         """,
     )
     marker = tmp_path / "started"
+    waiting = step(f"{mod}:wait_for_cancel", cancel_grace_seconds=10, op_kwargs={"marker": str(marker)}, limits=writable(tmp_path))
     async with supervisor(plugins) as sup:
-        handle = await sup.start(job(step(f"{mod}:wait_for_cancel", cancel_grace_seconds=10, op_kwargs={"marker": str(marker)})))
+        handle = await sup.start(job(waiting))
         await wait_for_file(marker)
         t0 = time.monotonic()
         await sup.cancel(handle.run_id)
@@ -570,8 +585,9 @@ async def test_is_cancelled_turns_true_while_async_code_blocks_the_loop(plugins:
         """,
     )
     marker = tmp_path / "started"
+    waiting = step(f"{mod}:hog_loop", cancel_grace_seconds=10, op_kwargs={"marker": str(marker)}, limits=writable(tmp_path))
     async with supervisor(plugins) as sup:
-        handle = await sup.start(job(step(f"{mod}:hog_loop", cancel_grace_seconds=10, op_kwargs={"marker": str(marker)})))
+        handle = await sup.start(job(waiting))
         await wait_for_file(marker)
         await sup.cancel(handle.run_id)
         run = await handle.wait()
@@ -794,7 +810,11 @@ async def test_retry_succeeds_on_the_third_attempt(plugins: Path, tmp_path: Path
         """,
     )
     run, _ = await run_step(
-        plugins, f"{mod}:flaky", retry=Retry(max_attempts=3, delay_seconds=0), op_kwargs={"counter": str(tmp_path / "n")}
+        plugins,
+        f"{mod}:flaky",
+        retry=Retry(max_attempts=3, delay_seconds=0),
+        op_kwargs={"counter": str(tmp_path / "n")},
+        limits=writable(tmp_path),  # the count outlives each attempt's own work dir
     )
     assert run.status == "SUCCEEDED"
     s = run.steps[0]

@@ -15,7 +15,7 @@ from ..protocol import Call, Rows, StreamClose, StreamMore, StreamOpen
 from ..protocol.values import decode_exception, decode_value, encode_value
 from .channel import Channel
 
-STREAM_CREDIT = 100000
+STREAM_CREDIT = 2
 
 
 class _Proxy:

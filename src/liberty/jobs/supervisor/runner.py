@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -35,6 +36,7 @@ _log = logging.getLogger(__name__)
 StartMode = Literal["zygote", "spawn"]
 
 CANCEL_POLL_INTERVAL = 0.2
+SWITCH_INTERVAL = 0.0005
 
 Run = RunView
 
@@ -99,11 +101,16 @@ class Supervisor:
         subreaper = become_subreaper()
         stack = contextlib.AsyncExitStack()
         await stack.__aenter__()
+        # The history and cgroup cleanup run on worker threads; at the default 5 ms
+        # switch interval each hop can wait that long for the GIL behind the event loop.
+        previous_interval = sys.getswitchinterval()
+        sys.setswitchinterval(min(previous_interval, SWITCH_INTERVAL))
+        stack.callback(sys.setswitchinterval, previous_interval)
         try:
             await self.containment.open()
             stack.push_async_callback(self.containment.close)
             cgroups = self.containment.cgroups
-            if self.start_mode == "zygote" and (cgroups is None or not cgroups.enabled):
+            if self.start_mode == "zygote" and self.containment.enabled and (cgroups is None or not cgroups.enabled):
                 self.start_mode = "spawn"
                 self.start_mode_note = (
                     "zygote unavailable: without cgroups a forked attempt's daemons cannot be found for killing; "
@@ -260,7 +267,13 @@ class Supervisor:
         store, sink, job = self._store, self._sink, handle.job
         assert store is not None and sink is not None
         try:
-            await trio.to_thread.run_sync(store.start_run, handle.run_id)
+            first = job.steps[0].name
+
+            def start_run() -> None:
+                store.start_run(handle.run_id)
+                store.start_step(handle.run_id, first)
+
+            await trio.to_thread.run_sync(start_run)
             previous: dict[str, dict[str, Any]] = {}
             final = Status.SUCCEEDED
             for index, step in enumerate(job.steps):
@@ -290,7 +303,8 @@ class Supervisor:
     ) -> dict[str, Any]:
         store = self._store
         assert store is not None
-        await trio.to_thread.run_sync(store.start_step, handle.run_id, step.name)
+        if step is not handle.job.steps[0]:
+            await trio.to_thread.run_sync(store.start_step, handle.run_id, step.name)
         attempt = 0
         while True:
             attempt += 1

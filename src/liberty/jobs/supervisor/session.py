@@ -203,7 +203,7 @@ class AttemptSession:
         assert self._containment is not None
         name = f"{self._start.run_id}-{self._start.step}-{self._start.attempt}-{self._token[:8]}"
         try:
-            self._group = await self._containment.contain(name, child.pid, self._step.limits)
+            self._group = self._containment.contain(name, child.pid, self._step.limits)
         except (CgroupError, OSError, ValueError) as exc:
             self._refuse(Reason.SANDBOX, "SandboxError", f"could not put the step in its own cgroup: {exc}")
 
@@ -213,17 +213,19 @@ class AttemptSession:
         self._settled.set()
 
     async def _drive(self, child: ChildHandle, t0: float) -> None:
+        # `start` goes out without waiting for `ready`: the pipe holds it until the child
+        # reads, which saves a round trip; `ready` (version, pid) is still checked first.
+        try:
+            await self._send(self._start)
+        except ProtocolError as exc:
+            self._refuse(Reason.EXCEPTION, "InvalidParams", f"the step's start message cannot be sent: {exc}")
+            return
         with trio.move_on_after(STARTUP_TIMEOUT):
             await _first(self._ready.wait, self._settled.wait)
         if self._settled.is_set():
             return
         if not self._ready.is_set():
             self._protocol_violation(f"no 'ready' message within {STARTUP_TIMEOUT:.0f} s of start")
-            return
-        try:
-            await self._send(self._start)
-        except ProtocolError as exc:
-            self._refuse(Reason.EXCEPTION, "InvalidParams", f"the step's start message cannot be sent: {exc}")
             return
         deadline = t0 + self._step.timeout_seconds
         with trio.move_on_at(trio.current_time() + max(0.0, deadline - time.monotonic())):
