@@ -52,11 +52,12 @@ def _structure(line: bytes, union: Any, direction: str) -> Any:
     tag = obj.get("t")
     if type(tag) is not str or tag not in _ALLOWED_TAGS[direction]:
         raise ProtocolError(f"unknown {direction} message type {tag!r}")
+    del obj["t"]
     try:
-        return converter.structure(obj, union)
+        return converter.structure(obj, _CLASS_OF[direction][tag])
     except Exception as exc:  # cattrs raises several types (incl. ExceptionGroup); all mean "invalid"
         detail = "; ".join(f"{msg} at {where or 'top level'}" for where, msg in describe_error(exc))
-        raise ProtocolError(f"invalid {direction} message {obj.get('t')!r}: {detail}") from None
+        raise ProtocolError(f"invalid {direction} message {tag!r}: {detail}") from None
 
 
 def decode_child_message(line: bytes) -> ChildMessage:
@@ -71,13 +72,10 @@ def decode_parent_message(line: bytes) -> ParentMessage:
 def encode(message: ChildMessage | ParentMessage, *, max_line: int = DEFAULT_MAX_LINE) -> bytes:
     """Serialise a message to one newline-terminated line, refusing oversize lines."""
     try:
-        data = json.dumps(
-            converter.unstructure(message, ChildMessage if type(message) in _CHILD else ParentMessage),
-            ensure_ascii=False,
-            allow_nan=False,
-            separators=(",", ":"),
-        ).encode("utf-8")
-    except (TypeError, ValueError, RecursionError) as exc:
+        obj = converter.unstructure(message, type(message))
+        obj["t"] = TAGS[type(message)]
+        data = json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
+    except (TypeError, ValueError, RecursionError, KeyError) as exc:
         raise ProtocolError(f"cannot encode {type(message).__name__}: {exc}") from None
     if len(data) + 1 > max_line:
         raise ProtocolError(
@@ -86,11 +84,11 @@ def encode(message: ChildMessage | ParentMessage, *, max_line: int = DEFAULT_MAX
     return data + b"\n"
 
 
-_CHILD = set(ChildMessage.__args__)
-_ALLOWED_TAGS = {
-    "child": {TAGS[c] for c in ChildMessage.__args__},
-    "parent": {TAGS[c] for c in ParentMessage.__args__},
+_CLASS_OF = {
+    "child": {TAGS[c]: c for c in ChildMessage.__args__},
+    "parent": {TAGS[c]: c for c in ParentMessage.__args__},
 }
+_ALLOWED_TAGS = _CLASS_OF
 
 
 class LineSplitter:

@@ -27,7 +27,10 @@ class LogSink:
     async def put(self, line: LogLine) -> None:
         for listener in self._listeners:
             listener(line)
-        await self._send.send(line)
+        try:
+            self._send.send_nowait(line)  # no scheduling point per line while there is room
+        except trio.WouldBlock:
+            await self._send.send(line)
 
     def put_nowait(self, line: LogLine) -> None:
         """For synchronous callers (connector call notes); a full buffer spills into the next batch."""
