@@ -220,6 +220,23 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
                     "target_cancel_ms": 100.0,
                     "cancel_all_remaining_s": cancel_all,
                 }
+        if not args.skip_isolation:
+            # Same start mode both ways; only the protections differ.
+            async with Supervisor(plugins=PLUGINS, history=os.path.join(tmp, "bench-open.db"), isolation=False) as open_sup:
+                await open_sup.run(_job("trivial"))
+                off = await runner_start_latency(open_sup, n)
+                off_mode = open_sup.start_mode
+            async with Supervisor(plugins=PLUGINS, history=os.path.join(tmp, "bench-sealed.db")) as sealed_sup:
+                await sealed_sup.run(_job("trivial"))
+                on = await runner_start_latency(sealed_sup, n)
+                on_mode = sealed_sup.start_mode
+            results["isolation_overhead"] = {
+                "start_mode_on": on_mode,
+                "start_mode_off": off_mode,
+                "all_protections_p50_ms": statistics.median(on) * 1000,
+                "no_protections_p50_ms": statistics.median(off) * 1000,
+                "ratio_on_vs_off": statistics.median(on) / statistics.median(off),
+            }
     return results
 
 
@@ -227,6 +244,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run)")
     parser.add_argument("--skip-concurrency", action="store_true", help="skip the 200-concurrent-steps section")
+    parser.add_argument("--skip-isolation", action="store_true", help="skip the protections on/off comparison")
     parser.add_argument("--json", default=str(HERE / "results.json"), help="where to write the results")
     args = parser.parse_args()
     results = trio.run(_bench, args)

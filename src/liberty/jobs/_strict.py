@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import attrs
 import cattrs
 from cattrs.errors import ForbiddenExtraKeysError
 from cattrs.v import format_exception
@@ -67,7 +68,8 @@ def make_strict_converter() -> cattrs.Converter:
 
 def _format(exc: BaseException, type_: Any) -> str:
     if isinstance(exc, ForbiddenExtraKeysError):
-        return f"unknown key(s) {', '.join(sorted(exc.extra_fields))}"
+        expected = ", ".join(a.name for a in attrs.fields(exc.cl)) if attrs.has(exc.cl) else "?"
+        return f"unknown key(s) {', '.join(sorted(exc.extra_fields))}; expected one of {expected}"
     if isinstance(exc, KeyError):
         return "required key is missing"
     if type(exc) in (TypeError, ValueError):

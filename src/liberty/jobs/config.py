@@ -171,7 +171,10 @@ def _check_defaults(defaults: dict[str, Any], file: str) -> None:
                 file=file,
                 key=f"defaults.{key}",
             )
-    _structure({"name": "defaults", "python": "m:f", **defaults}, Step, file)
+    try:
+        _structure({"name": "defaults", "python": "m:f", **defaults}, Step, file)
+    except ConfigError as exc:
+        raise ConfigError(exc.message, file=file, key=f"defaults.{exc.key}" if exc.key else "defaults") from None
 
 
 def _validate_job(job: Job, *, file: str | None) -> None:

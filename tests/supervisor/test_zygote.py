@@ -1,0 +1,196 @@
+"""The zygote (fork server): the default start mode, and the fork hazards it must not pass on to attempts."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import trio
+
+from liberty.jobs import Job, Step, Supervisor
+from liberty.jobs.history import RunView
+
+pytestmark = [pytest.mark.trio, pytest.mark.timeout(60)]
+
+PROBES = '''
+import os
+import random
+import sys
+
+
+def cmdline(ctx, **_):
+    with open("/proc/self/cmdline") as f:
+        return f.read().split("\\0")[:-1]
+
+
+def randomness(ctx, **_):
+    return {"random": random.random(), "state": hash(random.getstate()), "cmdline": cmdline(ctx)}
+
+
+def fds(ctx, **_):
+    found = {}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            found[name] = os.readlink(f"/proc/self/fd/{name}")
+        except FileNotFoundError:  # the descriptor listdir used, closed by now
+            pass
+    return found
+
+
+def uses_sqlite(ctx, **_):
+    import sqlite3
+
+    with open("/proc/self/maps") as f:
+        return sqlite3.connect(":memory:").execute("SELECT 41 + 1").fetchone()[0], "_sqlite3" in f.read()
+'''
+
+FORBIDDEN_MODULES = ("alpha", "sqlite3", "_sqlite3", "trio", "psutil", "httpx", "psycopg",
+                     "liberty.jobs.supervisor", "liberty.jobs.connectors", "liberty.jobs.history")
+
+
+@pytest.fixture
+def plugins(tmp_path: Path) -> Path:
+    path = tmp_path / "plugins"
+    path.mkdir()
+    (path / "probes.py").write_text(PROBES)
+    return path
+
+
+def step(python: str, name: str = "s") -> Step:
+    return Step(name=name, python=python, timeout_seconds=30, cancel_grace_seconds=2)
+
+
+def job(*steps: Step) -> Job:
+    return Job(name="zygote-test", steps=list(steps))
+
+
+def succeeded(run: RunView) -> list[Any]:
+    assert [s.status for s in run.steps] == ["SUCCEEDED"] * len(run.steps), [(s.name, s.error) for s in run.steps]
+    return [s.output for s in run.steps]
+
+
+def forked_from_zygote(argv: list[str]) -> bool:
+    return argv[-2:] == ["-m", "liberty.jobs.child.zygote"]
+
+
+def alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def zygote_pid(sup: Supervisor) -> int:
+    assert sup._zygote is not None and sup._zygote.pid is not None, f"no zygote running ({sup.start_mode_note})"
+    return sup._zygote.pid
+
+
+async def test_zygote_is_the_default_start_mode_where_cgroups_work(plugins: Path) -> None:
+    async with Supervisor(plugins=plugins, history=":memory:") as sup:
+        cgroups = sup.containment.cgroups
+        assert cgroups is not None and cgroups.enabled, "this host is expected to have cgroups (see DESIGN.md)"
+        assert (sup.start_mode, sup.start_mode_note) == ("zygote", "")
+        [argv] = succeeded(await sup.run(job(step("probes:cmdline"))))
+    assert forked_from_zygote(argv), argv
+
+
+async def test_two_attempts_see_different_random_state(plugins: Path) -> None:
+    async with Supervisor(plugins=plugins, history=":memory:") as sup:
+        first, second = succeeded(await sup.run(job(step("probes:randomness", "a"), step("probes:randomness", "b"))))
+    assert forked_from_zygote(first["cmdline"]) and forked_from_zygote(second["cmdline"])
+    assert first["random"] != second["random"]
+    assert first["state"] != second["state"]
+
+
+async def test_an_attempt_inherits_no_fds_beyond_stdio_and_the_protocol_pipes(plugins: Path) -> None:
+    async with Supervisor(plugins=plugins, history=":memory:") as sup:
+        [forked] = succeeded(await sup.run(job(step("probes:fds"))))
+        zygote_fds = {os.readlink(f"/proc/{zygote_pid(sup)}/fd/{fd}") for fd in os.listdir(f"/proc/{zygote_pid(sup)}/fd")}
+    async with Supervisor(plugins=plugins, history=":memory:", start_mode="spawn") as sup:
+        [spawned] = succeeded(await sup.run(job(step("probes:fds"))))
+
+    assert {"0", "1", "2", "3", "4"} <= set(forked)
+    assert all(forked[fd].startswith("pipe:") for fd in "1234"), forked
+    # Beyond 0-4, only what the child's own asyncio loop opened after the fork: its epoll and self-pipe.
+    extra = {fd: target for fd, target in forked.items() if int(fd) > 4}
+    assert all(t == "anon_inode:[eventpoll]" or t.startswith("socket:") for t in extra.values()), forked
+    assert not set(extra.values()) & zygote_fds, f"the attempt holds the zygote's descriptors: {forked} / {zygote_fds}"
+
+    def kinds(table: dict[str, str]) -> dict[str, str]:
+        return {fd: target.split("[")[0] for fd, target in table.items()}
+
+    assert kinds(forked) == kinds(spawned), "a forked attempt's descriptors differ from a freshly spawned one's"
+
+
+async def test_the_zygote_runs_no_threads(plugins: Path) -> None:
+    async with Supervisor(plugins=plugins, history=":memory:") as sup:
+        succeeded(await sup.run(job(step("probes:cmdline", "a"), step("probes:uses_sqlite", "b"))))
+        with open(f"/proc/{zygote_pid(sup)}/status") as f:
+            status = dict(line.split(":", 1) for line in f.read().splitlines())
+    assert status["Threads"].strip() == "1"
+
+
+async def test_a_killed_zygote_is_restarted_and_the_next_run_succeeds(plugins: Path) -> None:
+    async with Supervisor(plugins=plugins, history=":memory:") as sup:
+        succeeded(await sup.run(job(step("probes:cmdline"))))
+        killed = zygote_pid(sup)
+        os.kill(killed, signal.SIGKILL)
+        with trio.fail_after(10):
+            while alive(killed):
+                await trio.sleep(0.05)
+        [argv] = succeeded(await sup.run(job(step("probes:cmdline"))))
+        assert sup._zygote is not None and sup._zygote.restarts >= 1
+        assert zygote_pid(sup) != killed and alive(zygote_pid(sup))
+    assert forked_from_zygote(argv), f"the attempt was not forked from a restarted zygote: {argv}"
+
+
+async def test_spawn_mode_runs_the_child_as_python_m_liberty_jobs_child(plugins: Path) -> None:
+    async with Supervisor(plugins=plugins, history=":memory:", start_mode="spawn") as sup:
+        [argv] = succeeded(await sup.run(job(step("probes:cmdline"))))
+        assert sup._zygote is None
+    assert argv[0] == sys.executable
+    assert argv[-2:] == ["-m", "liberty.jobs.child"]
+
+
+async def test_an_edited_plugin_is_picked_up_in_zygote_mode(plugins: Path) -> None:
+    source = textwrap.dedent('''
+        def version(ctx, **_):
+            return "v1"
+    ''')
+    (plugins / "edited.py").write_text(source)
+    async with Supervisor(plugins=plugins, history=":memory:") as sup:
+        assert sup.start_mode == "zygote"
+        before = succeeded(await sup.run(job(step("edited:version"))))
+        (plugins / "edited.py").write_text(source.replace("v1", "v2"))  # same size, maybe the same mtime second
+        after = succeeded(await sup.run(job(step("edited:version"))))
+    assert (before, after) == (["v1"], ["v2"])
+
+
+async def test_the_zygote_never_loads_sqlite_even_after_attempts_did(plugins: Path) -> None:
+    async with Supervisor(plugins=plugins, history=":memory:") as sup:
+        [(answer, attempt_mapped_it)] = succeeded(await sup.run(job(step("probes:uses_sqlite"))))
+        with open(f"/proc/{zygote_pid(sup)}/maps") as f:
+            zygote_maps = f.read()
+    assert (answer, attempt_mapped_it) == (42, True)
+    assert "_sqlite3" not in zygote_maps
+
+
+async def test_an_attempt_starts_without_earlier_attempts_plugins_or_supervisor_modules(plugins: Path) -> None:
+    (plugins / "alpha.py").write_text("import sqlite3\n\ndef first(ctx, **_):\n    return sqlite3.sqlite_version\n")
+    (plugins / "beta.py").write_text(textwrap.dedent(f'''
+        import sys
+
+        def second(ctx, **_):
+            present = sorted(m for m in sys.modules if m.startswith({FORBIDDEN_MODULES!r}))
+            return {{"forbidden": present, "self": __name__ in sys.modules}}
+    '''))
+    async with Supervisor(plugins=plugins, history=":memory:") as sup:
+        assert sup.start_mode == "zygote"
+        _, second = succeeded(await sup.run(job(step("alpha:first", "a"), step("beta:second", "b"))))
+    assert second == {"forbidden": [], "self": True}
