@@ -132,7 +132,7 @@ async def test_registry_check_reports_without_secrets() -> None:
     cfg = {"reporting": SqliteConfig(name="reporting", path=":memory:")}
     async with ConnectorRegistry(cfg) as reg:
         report = await reg.check("reporting")
-    assert report.startswith("reporting: sqlite :memory:: SELECT 1 ok in ")
+    assert report.startswith("sqlite :memory:: SELECT 1 ok in ")
 
 
 async def test_a_config_registered_under_another_name_is_refused() -> None:

@@ -25,7 +25,7 @@ from examples.cpu_bound import blocking_pdf_render, render_pdf
 from examples.failures import check_upstream
 from examples.heartbeat import big_etl
 from examples.logging_demo import log_levels
-from liberty.jobs.testing import build_fake_ctx
+from liberty.jobs.testing import FakeSqlConnector, build_fake_ctx
 from reports import orders_summary, summary
 from reports.housekeeping import prune_attachments
 from utils.connectors import assert_row_count
@@ -330,7 +330,7 @@ async def test_big_etl_cancelled_stops_after_the_first_batch():
 def test_spin_forever_never_returns_and_burns_cpu():
     probe = (
         "import asyncio\n"
-        "from liberty.jobs.testing import build_fake_ctx\n"
+        "from liberty.jobs.testing import FakeSqlConnector, build_fake_ctx\n"
         "from examples.hostile import spin_forever\n"
         "asyncio.run(spin_forever(build_fake_ctx()))\n"
     )
@@ -370,10 +370,12 @@ def test_job_file_steps_bind_to_their_functions(job_file):
 async def test_demo_job_runs_in_order_against_fake_contexts_within_seconds():
     params, steps = _steps("demo.toml")
     records: dict[str, dict] = {}
+    reporting = FakeSqlConnector()  # the demo's `reporting` connector, in-process
     started = time.monotonic()
     for step in steps:
         kwargs = params | step.get("op_kwargs", {})
-        ctx = build_fake_ctx(params=kwargs, previous_steps=records, job_id="demo")
+        connectors = {name: reporting for name in step.get("connectors", [])}
+        ctx = build_fake_ctx(params=kwargs, previous_steps=records, job_id="demo", connectors=connectors)
         output = await _resolve(step["python"])(ctx, **kwargs)
         records[step["name"]] = {"status": "SUCCEEDED", "output": json.loads(json.dumps(output))}
     assert time.monotonic() - started < 5

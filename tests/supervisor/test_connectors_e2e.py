@@ -30,6 +30,7 @@ import psycopg
 import pytest
 import trio
 
+from liberty.jobs.supervisor import AttemptSession
 from liberty.jobs import Job, Limits, Step, Supervisor
 from liberty.jobs.history import LogLine, RunView
 
@@ -58,10 +59,9 @@ import datetime as dt
 import decimal
 import os
 import socket
+import resource
 import sqlite3
-import tracemalloc
 import uuid
-import zoneinfo
 
 import psycopg
 
@@ -150,7 +150,7 @@ async def stream_rows(ctx, *, conn, sql, batch_size, stop_after=0, delay=0.0, th
     t = ctx.get_connector(conn)
     n = first = last = 0
     if trace:
-        tracemalloc.start()
+        peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     async for row in t.stream(sql, batch_size=batch_size):
         n += 1
         if n == 1:
@@ -163,8 +163,7 @@ async def stream_rows(ctx, *, conn, sql, batch_size, stop_after=0, delay=0.0, th
     after = [await t.scalar(s) for s in then]
     out = {"rows": n, "first": first, "last": last, "after": after}
     if trace:
-        out["peak_mib"] = tracemalloc.get_traced_memory()[1] / 2**20
-        tracemalloc.stop()
+        out["peak_growth_mib"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before) / 1024
     return out
 
 
@@ -183,6 +182,42 @@ async def late_break(ctx, *, conn, **_):
         await asyncio.sleep(0.05)  # meanwhile the supervisor sends the end marker and forgets the stream
         break
     return {"first": row["i"], "after": await t.scalar("SELECT 3")}
+
+
+_WIDE = ("WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM s WHERE i < 5000) "
+         "SELECT i, printf('%0400d', i) AS pad FROM s")
+
+
+async def oversize_fetch(ctx, *, conn, **_):
+    t = ctx.get_connector(conn)
+    try:
+        rows = await t.fetch(_WIDE)  # ~2 MB of rows: over the pipe's 1 MiB line cap
+        return {"rows": len(rows)}
+    except Exception as exc:
+        return {"error": type(exc).__name__, "message": str(exc), "after": await t.scalar("SELECT 1")}
+
+
+async def oversize_stream_batch(ctx, *, conn, **_):
+    t = ctx.get_connector(conn)
+    n = 0
+    try:
+        async for row in t.stream(_WIDE, batch_size=5000):
+            n += 1
+        return {"rows": n}
+    except Exception as exc:
+        return {"rows": n, "error": type(exc).__name__, "message": str(exc)}
+
+
+async def concurrent_calls(ctx, *, conn, sql, n, **_):
+    t = ctx.get_connector(conn)
+    started = asyncio.get_running_loop().time()
+    values = await asyncio.gather(*(t.scalar(sql) for _ in range(n)))
+    return {"values": len(values), "seconds": asyncio.get_running_loop().time() - started}
+
+
+async def long_query(ctx, *, conn, **_):
+    await ctx.get_connector(conn).execute("SELECT pg_sleep(60)")
+    return {}
 
 
 async def write_after(ctx, *, conn, sql, **_):
@@ -306,7 +341,6 @@ async def leak_probe(ctx, *, supervisor_pid, **_):
         "proc_self_environ": own_environ,
         "parent_environ": parent_environ,
         "connectors": [repr(c) for c in (pg, api, dsn, down)],
-        "attributes": {repr(c): sorted(vars(c)) for c in (pg, api)},
         "info": [str(c._info) for c in (pg, api, dsn, down)],
     }
 
@@ -664,6 +698,35 @@ async def test_transaction_commits_and_rolls_back_as_later_steps_see(
     assert read == {"ids": [1, 2]}
 
 
+async def test_concurrent_calls_of_one_step_share_the_postgres_pool(world: World, postgres_server: PgServer) -> None:
+    world.add_postgres(postgres_server, "pgpool", pool_max=4)
+    run, _ = await world.run(
+        step("e2e:concurrent_calls", connectors=["pgpool"], op_kwargs={"conn": "pgpool", "sql": "SELECT pg_sleep(0.5)", "n": 4})
+    )
+    (out,) = succeeded(run)
+    assert out["values"] == 4
+    assert out["seconds"] < 1.5, f"4 x 0.5 s queries on a pool of 4 took {out['seconds']:.2f} s: they ran one by one"
+
+
+async def test_a_step_timing_out_mid_query_cancels_the_query_on_the_server(world: World, postgres_server: PgServer) -> None:
+    world.add_postgres(postgres_server, "pgslow", pool_max=1)
+    async with world.supervisor() as sup:
+        started = trio.current_time()
+        run = await sup.run(Job(name="slow", steps=[
+            step("e2e:long_query", connectors=["pgslow"], timeout_seconds=1, cancel_grace_seconds=1, op_kwargs={"conn": "pgslow"})
+        ]))
+        assert run.status == "TIMED_OUT"
+        assert trio.current_time() - started < 15
+        with postgres_server.admin_connect() as admin:
+            active = admin.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'nomaflow:pgslow' AND query LIKE '%pg_sleep(60)%' "
+                "AND state = 'active'"
+            ).fetchone()[0]
+        assert active == 0, "the query still runs on the server"
+        again = await sup.run(Job(name="again", steps=[step("e2e:use_connector", connectors=["pgslow"], op_kwargs={"conn": "pgslow"})]))
+        assert succeeded(again) == [{"value": 1}]
+
+
 # --- streaming ----------------------------------------------------------------------------
 
 _SQLITE_SERIES = (
@@ -711,7 +774,7 @@ async def test_stream_of_100k_rows_in_small_batches_keeps_the_supervisors_memory
     assert {k: out[k] for k in ("rows", "first", "last")} == {"rows": n, "first": 1, "last": n}
     # 100k rows of ~220 bytes are ~50 MB as Python objects if buffered anywhere; two 500-row batches ~0.5 MB.
     assert growth < 8 * 1024 * 1024, f"supervisor RSS grew {growth / 2**20:.1f} MiB while streaming"
-    assert out["peak_mib"] < 4, f"the child allocated {out['peak_mib']:.1f} MiB at peak while streaming"
+    assert out["peak_growth_mib"] < 6, f"the child's peak RSS grew {out['peak_growth_mib']:.1f} MiB while streaming"
 
 
 async def test_a_slow_reader_of_a_stream_ending_on_a_batch_boundary_finishes(world: World) -> None:
@@ -792,6 +855,21 @@ async def test_cancelled_postgres_stream_leaves_no_transaction_open(world: World
         assert fetched < 1_000_000
         again = await sup.run(Job(name="again", steps=[step("e2e:use_connector", connectors=["pgone"], op_kwargs={"conn": "pgone"})]))
         assert succeeded(again) == [{"value": 1}]
+
+
+async def test_a_result_over_the_line_cap_fails_the_call_not_the_supervisor(world: World) -> None:
+    run, _ = await world.run(step("e2e:oversize_fetch", connectors=["mem"], op_kwargs={"conn": "mem"}))
+    (out,) = succeeded(run)
+    assert "error" in out, out
+    assert "stream" in out["message"], out  # tells the plugin author what to do instead
+    assert out["after"] == 1
+
+
+async def test_a_stream_batch_over_the_line_cap_is_not_blamed_on_the_child(world: World) -> None:
+    run, _ = await world.run(step("e2e:oversize_stream_batch", connectors=["mem"], op_kwargs={"conn": "mem"}))
+    (out,) = succeeded(run)
+    # Either the supervisor splits the batch, or the plugin gets an error it can act on.
+    assert out["rows"] == 5000 or "batch_size" in out.get("message", ""), out
 
 
 # --- values across the pipe ----------------------------------------------------------------
@@ -888,13 +966,13 @@ async def test_secrets_never_reach_the_child(
     world.add('[pgdsn]\ntype = "postgres"\ndsn_env = "E2E_PG_DSN"\npool_min = 0\n')
     world.add(f'[api_down]\ntype = "http"\nbase_url = "http://127.0.0.1:{_closed_port()}"\ntoken_env = "E2E_DOWN_TOKEN"\n')
     sent: list[bytes] = []
-    original = trio.lowlevel.FdStream.send_all
+    original = AttemptSession._send_bytes  # every byte the supervisor writes to a child's protocol pipe
 
-    async def recording_send_all(self: trio.lowlevel.FdStream, data: Any) -> None:
+    async def recording_send_bytes(self: AttemptSession, data: bytes, **kwargs: Any) -> None:
         sent.append(bytes(data))
-        await original(self, data)
+        await original(self, data, **kwargs)
 
-    monkeypatch.setattr(trio.lowlevel.FdStream, "send_all", recording_send_all)
+    monkeypatch.setattr(AttemptSession, "_send_bytes", recording_send_bytes)
     async with world.supervisor(start_mode=start_mode) as sup:
         run = await sup.run(
             Job(name="leak", log_level="DEBUG", steps=[

@@ -140,6 +140,80 @@ def fake_ctx() -> FakeStepContext:
     return build_fake_ctx()
 
 
+class FakeSqlConnector:
+    """A SQL connector for unit tests, backed by a real `sqlite3` connection in-process.
+
+    Same async surface as the runner's proxy (execute, executemany, scalar,
+    fetch, fetchrow, stream, transaction) and the same `?` paramstyle, so a
+    step that works here issues the same calls through the pipe.
+    """
+
+    def __init__(self, connection: Any | None = None) -> None:
+        import sqlite3
+
+        self.connection = connection if connection is not None else sqlite3.connect(":memory:")
+        self.calls: list[tuple[str, str]] = []
+
+    def _cursor(self, method: str, sql: str, params: Any) -> Any:
+        self.calls.append((method, sql))
+        return self.connection.execute(sql, params)
+
+    async def execute(self, sql: str, *params: Any) -> int:
+        cur = self._cursor("execute", sql, params)
+        self._autocommit()
+        return cur.rowcount
+
+    async def executemany(self, sql: str, rows: Any) -> int:
+        self.calls.append(("executemany", sql))
+        cur = self.connection.executemany(sql, [tuple(r) for r in rows])
+        self._autocommit()
+        return cur.rowcount
+
+    async def scalar(self, sql: str, *params: Any) -> Any:
+        row = self._cursor("scalar", sql, params).fetchone()
+        return None if row is None else row[0]
+
+    async def fetch(self, sql: str, *params: Any) -> list[dict[str, Any]]:
+        cur = self._cursor("fetch", sql, params)
+        names = [d[0] for d in cur.description or ()]
+        return [dict(zip(names, row)) for row in cur.fetchall()]
+
+    async def fetchrow(self, sql: str, *params: Any) -> dict[str, Any] | None:
+        rows = await self.fetch(sql, *params)
+        return rows[0] if rows else None
+
+    async def stream(self, sql: str, *params: Any, batch_size: int = 1000) -> Any:
+        cur = self._cursor("stream", sql, params)
+        names = [d[0] for d in cur.description or ()]
+        while batch := cur.fetchmany(batch_size):
+            for row in batch:
+                yield dict(zip(names, row))
+
+    def transaction(self) -> Any:
+        import contextlib
+
+        @contextlib.asynccontextmanager
+        async def block() -> Any:
+            self._in_tx = True
+            try:
+                yield self
+            except BaseException:
+                self.connection.rollback()
+                raise
+            else:
+                self.connection.commit()
+            finally:
+                self._in_tx = False
+
+        return block()
+
+    _in_tx = False
+
+    def _autocommit(self) -> None:
+        if not self._in_tx:
+            self.connection.commit()
+
+
 def _to_record(name: str, value: StepRecord | Mapping) -> StepRecord:
     if isinstance(value, StepRecord):
         return value
@@ -172,4 +246,4 @@ def _names(mapping: Mapping[str, Any]) -> str:
     return ", ".join(repr(n) for n in sorted(mapping)) or "none"
 
 
-__all__ = ["FakeLog", "FakeStepContext", "build_fake_ctx", "fake_ctx"]
+__all__ = ["FakeLog", "FakeSqlConnector", "FakeStepContext", "build_fake_ctx", "fake_ctx"]

@@ -8,6 +8,7 @@ once rather than run unsupervised.
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import os
 import sys
@@ -42,7 +43,7 @@ class Channel:
         self._write_lock = threading.Lock()
         self._calls_lock = threading.Lock()
         self._next_id = 0
-        self._calls: dict[int, concurrent.futures.Future[Reply]] = {}
+        self._calls: dict[int, Callable[[Reply], None]] = {}
         self._streams: dict[int, Callable[[Rows], None]] = {}
         self.cancelled = threading.Event()
         self.on_task_cancel: Callable[[], None] | None = None
@@ -73,9 +74,30 @@ class Channel:
             return self._next_id
 
     def expect_reply(self, call_id: int) -> concurrent.futures.Future[Reply]:
+        """For a caller that blocks (get_connector, possibly from a worker thread)."""
         fut: concurrent.futures.Future[Reply] = concurrent.futures.Future()
+
+        def deliver(reply: Reply) -> None:
+            try:
+                fut.set_result(reply)
+            except concurrent.futures.InvalidStateError:
+                pass  # the caller gave up meanwhile
+
         with self._calls_lock:
-            self._calls[call_id] = fut
+            self._calls[call_id] = deliver
+        return fut
+
+    def expect_reply_async(self, call_id: int) -> asyncio.Future[Reply]:
+        """For a caller on the event loop: the reader thread resolves it with one loop hop."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Reply] = loop.create_future()
+
+        def resolve(reply: Reply) -> None:
+            if not fut.done():  # the awaiting task may have been cancelled
+                fut.set_result(reply)
+
+        with self._calls_lock:
+            self._calls[call_id] = lambda reply: loop.call_soon_threadsafe(resolve, reply)
         return fut
 
     def expect_rows(self, stream_id: int, deliver: Callable[[Rows], None]) -> None:
@@ -109,18 +131,15 @@ class Channel:
                 self.on_task_cancel()
         elif isinstance(msg, Reply):
             with self._calls_lock:
-                fut = self._calls.pop(msg.id, None)
-            if fut is None:
+                deliver = self._calls.pop(msg.id, None)
+            if deliver is None:
                 raise ProtocolError(f"reply to unknown call id {msg.id}")
-            try:
-                fut.set_result(msg)
-            except concurrent.futures.InvalidStateError:
-                pass  # the caller was cancelled meanwhile; the reply has no one to go to
+            deliver(msg)
         elif isinstance(msg, Rows):
             with self._calls_lock:
-                deliver = self._streams.get(msg.id)
-            if deliver is not None:
-                deliver(msg)
+                deliver_rows = self._streams.get(msg.id)
+            if deliver_rows is not None:
+                deliver_rows(msg)
         else:
             raise ProtocolError(f"unexpected {type(msg).__name__} after start")
 

@@ -32,7 +32,7 @@ class _Proxy:
     async def _call(self, method: str, args: tuple[Any, ...] | list[Any], kwargs: dict[str, Any]) -> Any:
         channel = self._channel
         call_id = channel.new_id()
-        fut = channel.expect_reply(call_id)
+        fut = channel.expect_reply_async(call_id)
         channel.send(
             Call(
                 id=call_id,
@@ -43,7 +43,7 @@ class _Proxy:
                 tx=self._tx,
             )
         )
-        reply = await asyncio.wrap_future(fut)
+        reply = await fut
         if not reply.ok:
             raise decode_exception(reply.error or {})
         return decode_value(reply.value)

@@ -83,7 +83,7 @@ class ConnectorRegistry:
             else:
                 response = await session.call(name, "get", [""], {})
                 outcome = f"HTTP {response['status_code']}"
-        return f"{name}: {cfg.summary}: {outcome} in {(time.perf_counter() - started) * 1000:.0f} ms"
+        return f"{cfg.summary}: {outcome} in {(time.perf_counter() - started) * 1000:.0f} ms"
 
     async def aclose(self) -> None:
         """Close every pool and client; waits for them even if the caller is being cancelled."""

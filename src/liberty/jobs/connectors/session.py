@@ -302,7 +302,8 @@ class ConnectorSession:
         if name not in self.allowed:
             raise PermissionError(
                 f"step '{self.step}' may not use connector '{name}': "
-                f'add it to the step\'s connectors list (connectors = ["{name}"])'
+                f'add it to the step\'s connectors list (connectors = ["{name}"]), '
+                f"or pass --connector {name} to `nomaflow step`"
             )
         return configs[name]
 

@@ -17,6 +17,7 @@ connection that ever ATTACHes a file database loses the fast path.
 from __future__ import annotations
 
 import sqlite3
+from pathlib import Path
 import threading
 import time
 from collections.abc import Callable
@@ -97,6 +98,8 @@ class SqliteBackend(SqlBackend):
         with self._guard:
             if self._idle:
                 return self._idle.pop()
+        if not self._memory:
+            Path(self.config.path).parent.mkdir(parents=True, exist_ok=True)  # as the history store does
         conn = sqlite3.connect(
             self.config.path,
             timeout=self.config.timeout_seconds,

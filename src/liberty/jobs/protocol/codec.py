@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import attrs
 import cattrs
 from cattrs.strategies import configure_tagged_union
 
@@ -72,7 +73,9 @@ def decode_parent_message(line: bytes) -> ParentMessage:
 def encode(message: ChildMessage | ParentMessage, *, max_line: int = DEFAULT_MAX_LINE) -> bytes:
     """Serialise a message to one newline-terminated line, refusing oversize lines."""
     try:
-        obj = converter.unstructure(message, type(message))
+        # Fields are already JSON values (plugin data is encoded by `protocol.values`
+        # first), so a shallow dict is the wire form; cattrs would walk every row.
+        obj = attrs.asdict(message, recurse=False)
         obj["t"] = TAGS[type(message)]
         data = json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
     except (TypeError, ValueError, RecursionError, KeyError) as exc:

@@ -49,6 +49,8 @@ def encode_value(obj: Any) -> Any:
     if isinstance(obj, tuple):
         return {TAG: "tuple", "v": [encode_value(item) for item in obj]}
     if isinstance(obj, dict):
+        if TAG not in obj and all(type(k) is str for k in obj) and all(_plain(v) for v in obj.values()):
+            return obj  # the common row: scalars only, nothing to tag
         return _encode_dict(obj)
     if isinstance(obj, dt.datetime):
         return _with_zone({TAG: "datetime", "v": obj.isoformat()}, obj)
@@ -69,6 +71,13 @@ def encode_value(obj: Any) -> Any:
         "use None, bool, int, float, str, list, tuple, dict with str keys, datetime, date, time, "
         "timedelta, Decimal, bytes or UUID"
     )
+
+
+_SCALARS = (type(None), bool, int, str)
+
+
+def _plain(value: Any) -> bool:
+    return type(value) in _SCALARS or (type(value) is float and math.isfinite(value))
 
 
 def _encode_dict(obj: dict[Any, Any]) -> dict[str, Any]:
@@ -116,8 +125,13 @@ def _decode(data: Any) -> Any:
     if kind is dict:
         if TAG in data:
             return _decode_tagged(data)
+        if all(type(k) is str for k in data) and all(type(v) in _JSON_SCALARS for v in data.values()):
+            return data
         return {_key(k): _decode(v) for k, v in data.items()}
     raise ProtocolError(f"not a JSON value: {kind.__name__}")
+
+
+_JSON_SCALARS = (type(None), bool, int, str, float)
 
 
 def _key(key: Any) -> str:

@@ -398,8 +398,11 @@ class Supervisor:
                 LogLine(run_id=run_id, ts=time.time(), level="DEBUG", stream="system", message=text, step=step.name, attempt=attempt)
             )
 
+        debug = handle.job.log_level == "DEBUG"  # call notes are DEBUG lines: kept only when the run asks
         connectors = (
-            self._connectors.session(step.name, step.connectors, on_call=on_call) if self._connectors else None
+            self._connectors.session(step.name, step.connectors, on_call=on_call if debug else None)
+            if self._connectors
+            else None
         )
         async with contextlib.AsyncExitStack() as stack:
             scope = await stack.enter_async_context(connectors) if connectors is not None else None

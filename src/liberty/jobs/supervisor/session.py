@@ -476,22 +476,48 @@ class AttemptSession:
         return None
 
     async def _send(self, msg: ParentMessage, *, timeout: float | None = None) -> None:
-        """Send to the child; a send cut short leaves a partial line, so the pipe is then given up."""
+        await self._send_bytes(encode(msg, max_line=self._max_line), timeout=timeout)
+
+    async def _send_bytes(self, data: bytes, *, timeout: float | None = None) -> None:
+        """Send one encoded line; a send cut short leaves a partial line, so the pipe is then given up."""
+        if self._send_broken or self._child_stream is None:
+            return
+        stream = self._child_stream
+        if not self._send_lock.locked():
+            # Fast path, no scheduling point: the whole line fits in the pipe right now.
+            try:
+                sent = os.write(stream.fileno(), data)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                self._send_broken = True
+                return
+            if sent == len(data):
+                return
+            data = data[sent:]
+            if sent:
+                # Part of the line is out: the rest must follow before anything else.
+                self._send_lock.acquire_nowait()
+                try:
+                    await self._send_rest(stream, data, timeout)
+                finally:
+                    self._send_lock.release()
+                return
+        async with self._send_lock:
+            await self._send_rest(stream, data, timeout)
+
+    async def _send_rest(self, stream: trio.lowlevel.FdStream, data: bytes, timeout: float | None) -> None:
         if self._send_broken:
             return
-        data = encode(msg, max_line=self._max_line)
-        async with self._send_lock:
-            if self._send_broken or self._child_stream is None:
+        with trio.CancelScope() as scope:
+            if timeout is not None:
+                scope.deadline = trio.current_time() + timeout
+            try:
+                await stream.send_all(data)
                 return
-            with trio.CancelScope() as scope:
-                if timeout is not None:
-                    scope.deadline = trio.current_time() + timeout
-                try:
-                    await self._child_stream.send_all(data)
-                    return
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    pass
-            self._send_broken = True
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+        self._send_broken = True
 
     _child_stream: trio.lowlevel.FdStream | None = None
 
@@ -507,21 +533,28 @@ class AttemptSession:
                     "(declare it in connectors.toml)"
                 )
             if msg.method == "describe":
-                value = self._connectors.describe(msg.connector)
+                result = self._connectors.describe(msg.connector)
             else:
                 args = decode_value(msg.args)
                 kwargs = decode_value(msg.kwargs)
-                value = encode_value(
-                    await self._connectors.call(msg.connector, msg.method, args, kwargs, tx=msg.tx)
-                )
-            reply = Reply(id=msg.id, ok=True, value=value)
-        except ProtocolError as exc:
+                result = await self._connectors.call(msg.connector, msg.method, args, kwargs, tx=msg.tx)
+            reply = Reply(id=msg.id, ok=True, value=encode_value(result))
+            data = self._fits(reply, f"the result of {msg.connector}.{msg.method}()", "use stream() or select fewer rows")
+        except ProtocolError as exc:  # the child's arguments or ids were invalid
             self._protocol_violation(f"call {msg.id}: {exc}")
             return
         except Exception as exc:  # a connector's failure goes back to the plugin as its own type
             reply = Reply(id=msg.id, ok=False, error=encode_exception(exc))
+            data = encode(reply, max_line=self._max_line)
         self._calls.discard(msg.id)
-        await self._send(reply)
+        await self._send_bytes(data)
+
+    def _fits(self, msg: ParentMessage, what: str, advice: str) -> bytes:
+        """Encode a reply; one over the line cap is the plugin's error to handle, not a crash."""
+        try:
+            return encode(msg, max_line=self._max_line)
+        except ProtocolError as exc:
+            raise ValueError(f"{what} cannot be sent to the step: {exc}; {advice}") from None
 
     async def _serve_stream(self, stream: _ServedStream) -> None:
         from ..protocol.values import decode_value, encode_exception, encode_value
@@ -545,7 +578,10 @@ class AttemptSession:
                 if batch is None:
                     await self._send(Rows(id=stream.open.id, done=True))
                     return
-                await self._send(Rows(id=stream.open.id, rows=encode_value(batch)))
+                rows = Rows(id=stream.open.id, rows=encode_value(batch))
+                await self._send_bytes(
+                    self._fits(rows, f"a batch of {len(batch)} rows from {stream.open.connector}", "lower batch_size")
+                )
         except ProtocolError as exc:
             self._protocol_violation(f"stream {stream.open.id}: {exc}")
         except Exception as exc:  # the driver's error reaches the plugin's `async for`
