@@ -22,6 +22,7 @@ import trio
 from liberty.jobs import Job, Step, Supervisor
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
 PLUGINS = HERE / "plugins"
 
 
@@ -237,6 +238,10 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
                 "no_protections_p50_ms": statistics.median(off) * 1000,
                 "ratio_on_vs_off": statistics.median(on) / statistics.median(off),
             }
+        if not args.skip_connectors:
+            from connectors_bench import bench_connectors
+
+            results["connectors"] = await bench_connectors(args.quick)
     return results
 
 
@@ -244,6 +249,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run)")
     parser.add_argument("--skip-concurrency", action="store_true", help="skip the 200-concurrent-steps section")
+    parser.add_argument("--skip-connectors", action="store_true", help="skip the connector round-trip and stream section")
     parser.add_argument("--skip-isolation", action="store_true", help="skip the protections on/off comparison")
     parser.add_argument("--json", default=str(HERE / "results.json"), help="where to write the results")
     args = parser.parse_args()
