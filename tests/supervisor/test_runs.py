@@ -794,6 +794,13 @@ async def test_child_environment_is_scrubbed(plugins: Path, start_mode: str, mon
 # --- runs, steps, attempts ------------------------------------------------------------------
 
 
+async def test_exception_inside_the_supervisor_block_propagates(plugins: Path) -> None:
+    """Without this, every assertion written inside `async with Supervisor(...)` could never fail."""
+    with pytest.raises(LookupError, match="raised by the caller"):
+        async with supervisor(plugins):
+            raise LookupError("raised by the caller")
+
+
 async def test_retry_succeeds_on_the_third_attempt(plugins: Path, tmp_path: Path) -> None:
     mod = plugin(
         plugins,

@@ -59,7 +59,11 @@ def run_attempt(channel: Channel, start: Start) -> None:
         channel.send(_failure("exception", exc))
         return
     ctx = ChildContext(channel, start)
-    channel.send(asyncio.run(_run(channel, func, ctx, start)))
+    try:
+        result = asyncio.run(_run(channel, func, ctx, start))
+    except (SystemExit, KeyboardInterrupt) as exc:  # asyncio re-raises these past the task
+        result = _failure("exception", exc)
+    channel.send(result)
 
 
 async def _run(channel: Channel, func: Any, ctx: ChildContext, start: Start) -> Done | Failed:
@@ -90,16 +94,31 @@ async def _call(func: Any, ctx: ChildContext, kwargs: dict[str, Any]) -> Any:
     return result
 
 
+MAX_ERROR_MESSAGE = 64 * 1024
+MAX_TRACEBACK = 256 * 1024
+
+
 def _failure(kind: str, exc: BaseException) -> Failed:
     message = str(exc)
     if isinstance(exc, asyncio.CancelledError) and not message:
         message = "the step was cancelled"
+    kind_name = type(exc).__qualname__
+    if type(exc).__module__ not in ("builtins", "asyncio.exceptions"):
+        kind_name = f"{type(exc).__module__}.{kind_name}"
     return Failed(
         kind=kind,  # type: ignore[arg-type]
-        type=type(exc).__qualname__ if type(exc).__module__ in ("builtins", "asyncio.exceptions") else f"{type(exc).__module__}.{type(exc).__qualname__}",
-        message=message,
-        traceback="".join(traceback.format_exception(exc)),
+        type=kind_name,
+        message=_clip(message, MAX_ERROR_MESSAGE),
+        traceback=_clip("".join(traceback.format_exception(exc)), MAX_TRACEBACK),
     )
+
+
+def _clip(text: str, limit: int) -> str:
+    """Keep an error within the protocol's line cap: its start and its end, saying how much was cut."""
+    if len(text) <= limit:
+        return text
+    head, tail = limit * 3 // 4, limit // 4
+    return f"{text[:head]}… [{len(text) - head - tail} characters cut] …{text[-tail:]}"
 
 
 def check_output(output: Any, max_bytes: int) -> str | None:

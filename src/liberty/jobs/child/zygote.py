@@ -109,7 +109,7 @@ def _become_attempt(sock: socket.socket, request: dict, fds: list[int]) -> None:
         runtime.serve(fd_in, fd_out)
     except BaseException as exc:  # nothing may return into the zygote's loop
         try:
-            os.write(2, f"nomaflow zygote child failed to start: {exc!r}\n".encode())
+            os.write(2, f"nomaflow: the attempt forked by the zygote failed outside the step: {exc!r}\n".encode())
         finally:
             os._exit(3)
     os._exit(0)

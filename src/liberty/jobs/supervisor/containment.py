@@ -11,6 +11,7 @@ an attempt fails that attempt closed instead of running the plugin unprotected.
 from __future__ import annotations
 
 import logging
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from ..config import Limits
 from ..sandbox import SandboxSpec, default_readable
 from ..sandbox.prctl import set_dumpable
 from .cgroups import AttemptCgroup, CgroupManager
+from .processes import direct_children
 
 _log = logging.getLogger(__name__)
 
@@ -98,10 +100,33 @@ class Containment:
             usage = dict(group.usage())
             assert self.cgroups is not None
             self.cgroups.release(group)
+            reap_zombies_from(f"att-{group.name}")
             return usage
 
         with trio.CancelScope(shield=True):
             return await trio.to_thread.run_sync(finish)
+
+
+def reap_zombies_from(cgroup_name: str) -> int:
+    """Reap the killed escapees that re-parented to us (the subreaper) from one attempt's cgroup.
+
+    A zombie still names its cgroup in /proc/<pid>/cgroup, so only that attempt's
+    are taken; nothing another part of this process started is touched.
+    """
+    reaped = 0
+    for pid in direct_children():
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                if f.read().rsplit(b")", 1)[1].split()[0] != b"Z":
+                    continue
+            with open(f"/proc/{pid}/cgroup") as f:
+                if not any(line.rstrip().removesuffix(" (deleted)").endswith("/" + cgroup_name) or f"/{cgroup_name}/" in line for line in f):
+                    continue
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                reaped += 1
+        except (OSError, IndexError, ChildProcessError):
+            continue
+    return reaped
 
 
 def sandbox_problem(report: dict[str, Any]) -> str | None:

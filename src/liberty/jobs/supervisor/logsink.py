@@ -1,8 +1,9 @@
 """Run-log lines from every attempt, batched into the history off the hot path.
 
-Producers `await put(line)`; a bounded channel gives backpressure (a child
-that logs faster than SQLite commits ends up blocked on its pipe rather than
-growing the supervisor's memory).  One flusher task commits batches.
+Producers `await put(line)`; a byte budget gives backpressure (a child that
+logs faster than SQLite commits ends up blocked on its pipe rather than
+growing the supervisor's memory; lines may be 64 KiB wide, so counting lines
+would not bound it).  One flusher task commits batches.
 """
 
 from __future__ import annotations
@@ -15,6 +16,12 @@ from ..history import HistoryStore, LogLine
 
 BATCH = 2000
 CAPACITY = 20000
+BUDGET_BYTES = 8 * 1024 * 1024
+_LINE_OVERHEAD = 200  # the LogLine object around the text
+
+
+def _cost(line: LogLine) -> int:
+    return len(line.message) + _LINE_OVERHEAD
 
 
 class LogSink:
@@ -23,10 +30,16 @@ class LogSink:
         self._listeners = listeners
         self._send, self._receive = trio.open_memory_channel[LogLine | trio.Event](CAPACITY)
         self._spill: list[LogLine] = []
+        self._in_flight = 0
+        self._drained = trio.Event()
 
     async def put(self, line: LogLine) -> None:
         for listener in self._listeners:
             listener(line)
+        cost = _cost(line)
+        while self._in_flight and self._in_flight + cost > BUDGET_BYTES:
+            await self._drained.wait()
+        self._in_flight += cost
         try:
             self._send.send_nowait(line)  # no scheduling point per line while there is room
         except trio.WouldBlock:
@@ -36,6 +49,7 @@ class LogSink:
         """For synchronous callers (connector call notes); a full buffer spills into the next batch."""
         for listener in self._listeners:
             listener(line)
+        self._in_flight += _cost(line)
         try:
             self._send.send_nowait(line)
         except trio.WouldBlock:
@@ -74,5 +88,8 @@ class LogSink:
                     self._spill = []
                 if batch:
                     await trio.to_thread.run_sync(self._store.append_logs, batch)
+                    self._in_flight -= sum(_cost(line) for line in batch)
+                    self._drained.set()
+                    self._drained = trio.Event()
                 for barrier in barriers:
                     barrier.set()

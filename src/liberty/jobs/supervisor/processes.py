@@ -67,7 +67,7 @@ def descendants(pid: int) -> list[psutil.Process]:
     return _processes(tree_pids(pid)[1:])
 
 
-def _direct_children() -> list[int]:
+def direct_children() -> list[int]:
     """Our children as the main thread sees them: where orphans re-parent to a subreaper."""
     me = os.getpid()
     try:
@@ -87,7 +87,7 @@ def _has_token(proc: psutil.Process, token: str) -> bool:
 def _adopted_with_token(token: str, exclude: set[int]) -> list[psutil.Process]:
     """Orphans re-parented to us (subreaper) that carry this attempt's token."""
     found = []
-    for child in _processes(pid for pid in _direct_children() if pid not in exclude):
+    for child in _processes(pid for pid in direct_children() if pid not in exclude):
         if _has_token(child, token):
             found.append(child)
             found.extend(descendants(child.pid))

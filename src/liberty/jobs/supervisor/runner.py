@@ -130,26 +130,28 @@ class Supervisor:
             await self._mark_lost_runs()
             self._connectors = await self._open_connectors(stack)
             self._sink = LogSink(self._store, self._listeners)
-            nursery = await stack.enter_async_context(trio.open_nursery())
-            self._nursery = nursery
+            services = await stack.enter_async_context(trio.open_nursery())
+            stack.callback(services.cancel_scope.cancel)
+            services.start_soon(self._sink.run)
+            services.start_soon(self._poll_cancels)
             stack.push_async_callback(self._sink.close)
-            nursery.start_soon(self._sink.run)
-            nursery.start_soon(self._poll_cancels)
+            # Runs get a nursery of their own, closed first: the log flusher outlives them.
+            self._nursery = await stack.enter_async_context(trio.open_nursery())
         except BaseException:
             await stack.aclose()
             raise
         self._stack = stack
         return self
 
-    async def __aexit__(self, *exc_info: object) -> bool | None:
-        assert self._stack is not None
-        await self._wait_for_runs()
-        self._nursery.cancel_scope.cancel()  # type: ignore[union-attr]
-        return await self._stack.__aexit__(*exc_info)
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        """Normal exit waits for the runs; an exception in the block stops them (recorded as lost).
 
-    async def _wait_for_runs(self) -> None:
-        for handle in list(self._active.values()):
-            await handle.finished.wait()
+        The caller's exception is never swallowed: it propagates unchanged.
+        """
+        assert self._stack is not None and self._nursery is not None
+        if exc_type is not None:
+            self._nursery.cancel_scope.cancel()
+        await self._stack.aclose()
 
     async def _open_connectors(self, stack: contextlib.AsyncExitStack) -> Any | None:
         if self.connectors_path is None or not self.connectors_path.exists():
@@ -289,6 +291,12 @@ class Supervisor:
                     final = Status(record["status"])
             await sink.flush()
             await trio.to_thread.run_sync(store.finish_run, handle.run_id, final)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(
+                    lambda: store.mark_lost([handle.run_id], message="the supervisor stopped before the run ended")
+                )
+            raise
         finally:
             self._active.pop(handle.run_id, None)
             handle.finished.set()

@@ -172,7 +172,7 @@ class AttemptSession:
                     nursery.start_soon(self._pump_output, child.stdout, "stdout")
                     nursery.start_soon(self._pump_output, child.stderr, "stderr")
                     nursery.start_soon(self._read_protocol, child, nursery)
-                    nursery.start_soon(self._watch_exit, child.pid)
+                    nursery.start_soon(self._watch_exit, child)
                     nursery.start_soon(self._sample_usage, child.pid)
                     if self._refusal is None:
                         await self._drive(child, t0)
@@ -647,7 +647,8 @@ class AttemptSession:
                 self._stack_dump.append(line)
         await self._log(level, name, line)
 
-    async def _watch_exit(self, pid: int) -> None:
+    async def _watch_exit(self, child: ChildHandle) -> None:
+        pid = child.pid
         try:
             pidfd = os.pidfd_open(pid)
         except ProcessLookupError:
@@ -659,6 +660,8 @@ class AttemptSession:
         finally:
             os.close(pidfd)
         self._sample_cpu(pid)
+        # The step's process is gone; whatever it left behind would only hold its pipes open.
+        self._kill(child)
         # Lines written just before exit may still sit in the pipe; a forked
         # grandchild can hold the pipe open, so the wait for EOF is bounded.
         with trio.move_on_after(OUTPUT_DRAIN_TIMEOUT):
