@@ -12,7 +12,7 @@ import json
 from typing import Any
 
 from ..protocol import Call, Rows, StreamClose, StreamMore, StreamOpen
-from ..protocol.values import decode_exception, decode_value, encode_value
+from ..protocol.values import decode_exception, decode_value, encode_value, unpack_rows
 from .channel import Channel
 
 STREAM_CREDIT = 2
@@ -149,7 +149,7 @@ class RowStream:
         if batch.error is not None:
             self._finish(notify=False)
             raise decode_exception(batch.error)
-        self._rows = decode_value(batch.rows)
+        self._rows = unpack_rows(batch.columns, batch.rows)
         self._pos = 0
         if batch.done:
             self._finish(notify=False)

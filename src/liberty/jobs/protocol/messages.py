@@ -140,9 +140,14 @@ class Reply:
 
 @_frozen
 class Rows:
-    """One batch of a stream; `done` marks the last one, `error` a failed stream."""
+    """One batch of a stream; `done` marks the last one, `error` a failed stream.
+
+    Column names travel once per batch and each row as a list of values
+    (`protocol.values.pack_rows`): half the bytes of a list of objects.
+    """
 
     id: int
+    columns: list[str] = attrs.field(factory=list)
     rows: list[Any] = attrs.field(factory=list)
     done: bool = False
     error: dict[str, Any] | None = None

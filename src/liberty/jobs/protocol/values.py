@@ -106,6 +106,33 @@ def _with_zone(tagged: dict[str, Any], obj: dt.datetime | dt.time) -> dict[str, 
     return tagged
 
 
+def pack_rows(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
+    """Dict rows of one query -> (column names, rows as lists of encoded values)."""
+    if not rows:
+        return [], []
+    columns = list(rows[0])
+    packed = []
+    for row in rows:
+        values = list(row.values())
+        if len(values) != len(columns):
+            raise ValueError(f"rows of one stream must have the same columns: {columns} vs {list(row)}")
+        packed.append(values if all(_plain(v) for v in values) else [encode_value(v) for v in values])
+    return columns, packed
+
+
+def unpack_rows(columns: list[str], rows: list[Any]) -> list[dict[str, Any]]:
+    """Inverse of `pack_rows`; a malformed batch raises ProtocolError."""
+    width = len(columns)
+    out = []
+    for row in rows:
+        if type(row) is not list or len(row) != width:
+            raise ProtocolError(f"a stream row must be a list of {width} values")
+        if not all(type(v) in _JSON_SCALARS for v in row):
+            row = [decode_value(v) for v in row]
+        out.append(dict(zip(columns, row)))
+    return out
+
+
 def decode_value(data: Any) -> Any:
     """Inverse of `encode_value`; anything malformed raises ProtocolError."""
     try:

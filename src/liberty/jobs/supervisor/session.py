@@ -557,7 +557,7 @@ class AttemptSession:
             raise ValueError(f"{what} cannot be sent to the step: {exc}; {advice}") from None
 
     async def _serve_stream(self, stream: _ServedStream) -> None:
-        from ..protocol.values import decode_value, encode_exception, encode_value
+        from ..protocol.values import decode_value, encode_exception, pack_rows
 
         sid: int | None = None
         try:
@@ -578,7 +578,8 @@ class AttemptSession:
                 if batch is None:
                     await self._send(Rows(id=stream.open.id, done=True))
                     return
-                rows = Rows(id=stream.open.id, rows=encode_value(batch))
+                columns, packed = pack_rows(batch)
+                rows = Rows(id=stream.open.id, columns=columns, rows=packed)
                 await self._send_bytes(
                     self._fits(rows, f"a batch of {len(batch)} rows from {stream.open.connector}", "lower batch_size")
                 )
