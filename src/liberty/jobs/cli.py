@@ -160,8 +160,10 @@ def _print_summary(run: Any) -> None:
     """A table of steps and usage, then each step's output or error on its own line."""
     table = Table(title=f"run {run.run_id} · {escape(run.job)} · [{_STATUS_STYLE.get(run.status, '')}]{run.status}[/]",
                   title_justify="left")
-    for col in ("step", "status", "tries", "wall s", "cpu s", "peak MiB", "pids", "limit hit"):
-        table.add_column(col, no_wrap=col != "step", overflow="fold")
+    # Short headings so a plain 80-column terminal shows every column whole:
+    # try = attempts, wall/cpu in seconds, MiB = peak memory, pids = peak tasks, limit = limit hit.
+    for col in ("step", "status", "try", "wall", "cpu", "MiB", "pids", "limit"):
+        table.add_column(col, no_wrap=True, overflow="ellipsis", max_width=20 if col == "step" else None)
     details = []
     for step in run.steps:
         usage = step.attempt_records[-1].usage if step.attempt_records else {}
