@@ -73,7 +73,7 @@ class Job:
     def load(cls, path: str | Path, *, defaults: dict[str, Any] | None = None) -> Job:
         """Load a job file; `defaults` (nomaflow.toml's [defaults]) fill keys a step leaves out."""
         path = Path(path)
-        raw = _read_toml(path)
+        raw = read_toml(path)
         steps = raw.get("steps")
         if isinstance(steps, list) and defaults:
             raw = {**raw, "steps": [_merge(defaults, s) if isinstance(s, dict) else s for s in steps]}
@@ -97,7 +97,7 @@ class Settings:
         path = Path(path) if path is not None else Path("nomaflow.toml")
         if not path.exists():
             return cls()
-        raw = _read_toml(path)
+        raw = read_toml(path)
         settings = _structure(raw, Settings, str(path))
         _check_defaults(settings.defaults, str(path))
         base = path.resolve().parent
@@ -112,12 +112,13 @@ class Settings:
 _converter = make_strict_converter()
 
 
-def _read_toml(path: Path) -> dict[str, Any]:
+def read_toml(path: Path, *, what: str = "file") -> dict[str, Any]:
+    """A TOML file's table, or a ConfigError naming the file and what is wrong with it."""
     try:
         with path.open("rb") as f:
             return tomllib.load(f)
     except FileNotFoundError:
-        raise ConfigError("file not found; check the path", file=str(path)) from None
+        raise ConfigError(f"{what} not found; check the path", file=str(path)) from None
     except IsADirectoryError:
         raise ConfigError("is a directory, expected a TOML file", file=str(path)) from None
     except tomllib.TOMLDecodeError as exc:

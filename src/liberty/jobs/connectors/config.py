@@ -11,7 +11,6 @@ file, the connector and the key.
 from __future__ import annotations
 
 import re
-import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
@@ -19,6 +18,7 @@ from typing import Any, ClassVar
 import attrs
 
 from .._strict import describe_error, make_strict_converter
+from ..config import read_toml
 from ..errors import ConfigError
 from .secrets import SECRET_KEY_ENV, _decrypt
 
@@ -184,23 +184,11 @@ def load_connectors(path: Path | str | None, *, environ: Mapping[str, str]) -> d
         return {}
     path = Path(path)
     file = str(path)
-    raw = _read_toml(path)
+    raw = read_toml(path, what="connectors file")
     configs: dict[str, ConnectorConfig] = {}
     for name, table in raw.items():
         configs[name] = _Loader(file, name, environ, path.resolve().parent).load(table)
     return configs
-
-
-def _read_toml(path: Path) -> dict[str, Any]:
-    try:
-        with path.open("rb") as f:
-            return tomllib.load(f)
-    except FileNotFoundError:
-        raise ConfigError("connectors file not found; check the path", file=str(path)) from None
-    except IsADirectoryError:
-        raise ConfigError("is a directory, expected a TOML file", file=str(path)) from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"not valid TOML: {exc}", file=str(path)) from None
 
 
 @attrs.define
