@@ -488,7 +488,9 @@ async def test_sync_code_ignoring_sigterm_is_killed_at_the_grace(plugins: Path) 
 
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
-        def stubborn(ctx, **_):
+        async def stubborn(ctx, **_):
+            # Blocking code on the event loop itself: neither the flag nor the task
+            # cancel can land, so only the kill at the grace ends it.
             ctx.log.info(f"pid {os.getpid()}")
             while True:
                 try:

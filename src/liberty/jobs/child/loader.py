@@ -38,7 +38,10 @@ def install_plugins_path(plugins_dir: str) -> None:
 
     sys.path_hooks.insert(0, hook)
     sys.path.insert(0, plugins_dir)
-    sys.path_importer_cache.clear()
+    # A fresh attempt has imported no plugin, so no finder for these paths is cached;
+    # drop any anyway, leaving the other paths' finders warm.
+    for cached in [p for p in sys.path_importer_cache if p and p.startswith(plugins_dir)]:
+        del sys.path_importer_cache[cached]
 
 
 def resolve_function(ref: str, plugins_dir: str) -> Callable[..., Any]:

@@ -59,8 +59,12 @@ def run_attempt(channel: Channel, start: Start) -> None:
         channel.send(_failure("exception", exc))
         return
     ctx = ChildContext(channel, start)
+    # A bare loop rather than asyncio.run(): the process exits right after the result is
+    # sent, so the loop's orderly shutdown (executor join, async generators) is not waited for.
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
     try:
-        result = asyncio.run(_run(channel, func, ctx, start))
+        result = loop.run_until_complete(_run(channel, func, ctx, start))
     except (SystemExit, KeyboardInterrupt) as exc:  # asyncio re-raises these past the task
         result = _failure("exception", exc)
     channel.send(result)
