@@ -195,12 +195,14 @@ class ConnectorSession:
         if method == "executemany":
             params = _check_rows(name, params)
         self._log(name, method, sql)
-        with self._deadline(cfg, method):
+        # `_deadline` inlined: this is every call's hot path.
+        with trio.move_on_after(cfg.call_timeout_seconds):
             backend = await self._sql_backend(name)
             op = getattr(backend, f"op_{method}")
             if owner is not None:
                 return await backend.run(owner.lease, op, sql, params, True)
             return await backend.run_once(op, sql, params, False)
+        raise _timed_out(cfg, method)
 
     async def _begin(self, cfg: ConnectorConfig, args: list[Any], owner: _Tx | None) -> int:
         if args:
@@ -328,14 +330,10 @@ class ConnectorSession:
 
     @contextlib.contextmanager
     def _deadline(self, cfg: ConnectorConfig, method: str) -> Iterator[None]:
-        seconds = cfg.call_timeout_seconds
-        with trio.move_on_after(seconds) as scope:
+        with trio.move_on_after(cfg.call_timeout_seconds) as scope:
             yield
         if scope.cancelled_caught:
-            raise TimeoutError(
-                f"connector '{cfg.name}': {method} did not finish within {seconds:g} s "
-                "(call_timeout_seconds in connectors.toml)"
-            )
+            raise _timed_out(cfg, method)
 
     def _log(self, name: str, method: str, text: str | None) -> None:
         if self._on_call is None:
@@ -347,6 +345,13 @@ class ConnectorSession:
                 text = text[:_LOG_SQL_CHARS] + "…"
             line += f": {text}"
         self._on_call(line)
+
+
+def _timed_out(cfg: ConnectorConfig, method: str) -> TimeoutError:
+    return TimeoutError(
+        f"connector '{cfg.name}': {method} did not finish within {cfg.call_timeout_seconds:g} s "
+        "(call_timeout_seconds in connectors.toml)"
+    )
 
 
 def _check_sql(name: str, method: str, sql: Any) -> None:

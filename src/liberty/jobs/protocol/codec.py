@@ -37,9 +37,12 @@ def _reject_constant(name: str) -> Any:
     raise ProtocolError(f"{name} is not valid JSON")
 
 
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)  # one, not one per line
+
+
 def _loads(line: bytes) -> Any:
     try:
-        return json.loads(line.decode("utf-8"), parse_constant=_reject_constant)
+        return _DECODER.decode(line.decode("utf-8"))
     except ProtocolError:
         raise
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
