@@ -51,21 +51,9 @@ def baseline_cold_interpreter(n: int) -> list[float]:
 
 
 def baseline_raw_fork(n: int) -> list[float]:
-    """os.fork() of this warm interpreter -> the child's first line."""
-    out = []
-    for _ in range(n):
-        r, w = os.pipe()
-        t0 = time.time()
-        pid = os.fork()
-        if pid == 0:
-            os.write(w, repr(time.time()).encode())
-            os._exit(0)
-        os.close(w)
-        data = os.read(r, 64)
-        os.close(r)
-        os.waitpid(pid, 0)
-        out.append(float(data) - t0)
-    return out
+    """os.fork() of a warm interpreter -> the child's first line, in a lean process of its own."""
+    out = subprocess.run([sys.executable, str(HERE / "fork_baseline.py"), str(n)], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
 
 
 def baseline_forkserver_pool(n: int) -> float:
