@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 from ..protocol import Call, Rows, StreamClose, StreamMore, StreamOpen
@@ -111,8 +112,24 @@ class RowStream:
         self._pos = 0
         self._finished = False
 
-    def __aiter__(self) -> RowStream:
-        return self
+    def __aiter__(self) -> AsyncIterator[Any]:
+        # An async generator: its per-row step runs in C, where a Python `__anext__`
+        # would cost a coroutine per row.  Leaving the loop early closes it, which
+        # closes the cursor (`finally` below).
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[Any]:
+        try:
+            while True:
+                if self._pos < len(self._rows):
+                    rows, self._rows, self._pos = self._rows[self._pos :], [], 0
+                    for row in rows:
+                        yield row
+                if self._finished:
+                    return
+                await self._next_batch()
+        finally:
+            self._finish(notify=True)
 
     async def __anext__(self) -> Any:
         while self._pos >= len(self._rows):
@@ -149,7 +166,7 @@ class RowStream:
         if batch.error is not None:
             self._finish(notify=False)
             raise decode_exception(batch.error)
-        self._rows = unpack_rows(batch.columns, batch.rows)
+        self._rows = unpack_rows(batch.columns, batch.rows, tagged=batch.tagged)
         self._pos = 0
         if batch.done:
             self._finish(notify=False)

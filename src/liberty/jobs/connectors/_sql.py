@@ -19,6 +19,8 @@ from ._threads import run_interruptible
 
 T = TypeVar("T")
 Row = dict[str, Any]
+Batch = tuple[list[str], list[tuple[Any, ...]]]
+"""A stream batch: column names and the rows as the driver's tuples."""
 
 
 class Lease:
@@ -134,7 +136,8 @@ class SqlBackend(ABC):
     def op_open_cursor(self, conn: Any, sql: str, params: list[Any], in_tx: bool, name: str) -> Any: ...
 
     @abstractmethod
-    def op_fetch_batch(self, conn: Any, cursor: Any, size: int) -> list[Row]: ...
+    def op_fetch_batch(self, conn: Any, cursor: Any, size: int) -> Batch:
+        """(column names, rows as tuples): dicts would be built only to be taken apart again."""
 
     @abstractmethod
     def op_close_cursor(self, conn: Any, cursor: Any, in_tx: bool) -> None: ...

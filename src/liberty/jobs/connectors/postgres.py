@@ -18,7 +18,7 @@ from psycopg.pq import TransactionStatus
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from ._sql import Row, SqlBackend, single_mapping
+from ._sql import Batch, Row, SqlBackend, single_mapping
 from .config import PostgresConfig
 
 
@@ -136,7 +136,7 @@ class PostgresBackend(SqlBackend):
     def op_open_cursor(self, conn: psycopg.Connection[Any], sql: str, params: list[Any], in_tx: bool, name: str) -> Any:
         if not in_tx:
             conn.execute("BEGIN")  # DECLARE needs a transaction block
-        cursor = conn.cursor(name=name, row_factory=dict_row)
+        cursor = conn.cursor(name=name)  # tuple rows: names travel once per batch
         try:
             cursor.execute(sql, _params(params))
         except BaseException:
@@ -144,8 +144,9 @@ class PostgresBackend(SqlBackend):
             raise
         return cursor
 
-    def op_fetch_batch(self, conn: psycopg.Connection[Any], cursor: Any, size: int) -> list[Row]:
-        return cursor.fetchmany(size)
+    def op_fetch_batch(self, conn: psycopg.Connection[Any], cursor: Any, size: int) -> Batch:
+        rows = cursor.fetchmany(size)
+        return [c.name for c in cursor.description or ()], rows
 
     def op_close_cursor(self, conn: psycopg.Connection[Any], cursor: Any, in_tx: bool) -> None:
         try:

@@ -23,7 +23,7 @@ import attrs
 import trio
 
 from ..errors import ProtocolError
-from ._sql import Lease, SqlBackend
+from ._sql import Batch, Lease, SqlBackend
 from .config import ConnectorConfig
 from .http_client import HTTP_VERBS, HttpBackend
 
@@ -137,7 +137,15 @@ class ConnectorSession:
         return stream.id
 
     async def stream_next(self, stream_id: int) -> list[dict[str, Any]] | None:
-        """The next batch (at most `batch_size` rows), or None once the stream is exhausted."""
+        """The next batch (at most `batch_size` rows) as dicts, or None once the stream is exhausted."""
+        batch = await self.stream_next_rows(stream_id)
+        if batch is None:
+            return None
+        columns, rows = batch
+        return [dict(zip(columns, row)) for row in rows]
+
+    async def stream_next_rows(self, stream_id: int) -> Batch | None:
+        """The next batch as (column names, row tuples), or None once the stream is exhausted."""
         stream = self._streams.get(stream_id)
         if stream is None:
             self._check_issued(stream_id, "stream")
@@ -145,13 +153,15 @@ class ConnectorSession:
         cfg = self._registry.config(stream.connector)
         try:
             with self._deadline(cfg, "stream"):
-                rows = await stream.backend.run(stream.lease, stream.backend.op_fetch_batch, stream.cursor, stream.batch_size)
+                columns, rows = await stream.backend.run(
+                    stream.lease, stream.backend.op_fetch_batch, stream.cursor, stream.batch_size
+                )
         except BaseException:
             await self._finish_stream(stream)
             raise
         if len(rows) < stream.batch_size:
             await self._finish_stream(stream)  # exhausted: free the cursor now, not on the next request
-        return rows or None
+        return (columns, rows) if rows else None
 
     async def stream_close(self, stream_id: int) -> None:
         """Close early (the child stopped iterating); a finished stream is already closed."""

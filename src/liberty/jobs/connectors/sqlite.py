@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 
 import trio
 
-from ._sql import Row, SqlBackend, single_mapping
+from ._sql import Batch, Row, SqlBackend, single_mapping
 from .config import SqliteConfig
 
 T = TypeVar("T")
@@ -190,8 +190,9 @@ class SqliteBackend(SqlBackend):
     def op_open_cursor(self, conn: sqlite3.Connection, sql: str, params: list[Any], in_tx: bool, name: str) -> Any:
         return conn.execute(sql, _params(params))
 
-    def op_fetch_batch(self, conn: sqlite3.Connection, cursor: sqlite3.Cursor, size: int) -> list[Row]:
-        return _dicts(cursor, cursor.fetchmany(size))
+    def op_fetch_batch(self, conn: sqlite3.Connection, cursor: sqlite3.Cursor, size: int) -> Batch:
+        rows = cursor.fetchmany(size)
+        return [d[0] for d in cursor.description or ()], rows
 
     def op_close_cursor(self, conn: sqlite3.Connection, cursor: sqlite3.Cursor, in_tx: bool) -> None:
         cursor.close()

@@ -149,6 +149,7 @@ class Rows:
     id: int
     columns: list[str] = attrs.field(factory=list)
     rows: list[Any] = attrs.field(factory=list)
+    tagged: bool = False  # some value is in `protocol.values`' tagged form: decode them
     done: bool = False
     error: dict[str, Any] | None = None
 

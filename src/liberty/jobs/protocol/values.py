@@ -106,31 +106,33 @@ def _with_zone(tagged: dict[str, Any], obj: dt.datetime | dt.time) -> dict[str, 
     return tagged
 
 
-def pack_rows(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
-    """Dict rows of one query -> (column names, rows as lists of encoded values)."""
-    if not rows:
-        return [], []
-    columns = list(rows[0])
-    packed = []
+def pack_rows(rows: list[tuple[Any, ...]]) -> tuple[list[Any], bool]:
+    """A batch of row tuples -> (JSON-able rows, whether any value had to be tagged).
+
+    Plain rows go as they are (a tuple dumps as a list); the flag lets the
+    receiver skip decoding a batch of plain values altogether.
+    """
+    if all(type(v) in _SCALARS for row in rows for v in row):
+        return rows, False  # the common batch: nothing to look at twice
+    packed: list[Any] = []
+    tagged = False
     for row in rows:
-        values = list(row.values())
-        if len(values) != len(columns):
-            raise ValueError(f"rows of one stream must have the same columns: {columns} vs {list(row)}")
-        packed.append(values if all(_plain(v) for v in values) else [encode_value(v) for v in values])
-    return columns, packed
+        if all(_plain(v) for v in row):
+            packed.append(row)
+        else:
+            packed.append([encode_value(v) for v in row])
+            tagged = True
+    return packed, tagged
 
 
-def unpack_rows(columns: list[str], rows: list[Any]) -> list[dict[str, Any]]:
-    """Inverse of `pack_rows`; a malformed batch raises ProtocolError."""
+def unpack_rows(columns: list[str], rows: list[Any], *, tagged: bool) -> list[dict[str, Any]]:
+    """Inverse of `pack_rows` with the batch's column names; a malformed batch raises ProtocolError."""
     width = len(columns)
-    out = []
-    for row in rows:
-        if type(row) is not list or len(row) != width:
-            raise ProtocolError(f"a stream row must be a list of {width} values")
-        if not all(type(v) in _JSON_SCALARS for v in row):
-            row = [decode_value(v) for v in row]
-        out.append(dict(zip(columns, row)))
-    return out
+    if not all(type(row) is list and len(row) == width for row in rows):
+        raise ProtocolError(f"every stream row must be a list of {width} values")
+    if tagged:
+        rows = [[decode_value(v) for v in row] for row in rows]
+    return [dict(zip(columns, row)) for row in rows]
 
 
 def decode_value(data: Any) -> Any:

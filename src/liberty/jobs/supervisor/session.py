@@ -574,14 +574,15 @@ class AttemptSession:
                 await stream.take_credit()
                 if stream.close_requested:
                     return
-                batch = await self._connectors.stream_next(sid)
+                batch = await self._connectors.stream_next_rows(sid)
                 if batch is None:
                     await self._send(Rows(id=stream.open.id, done=True))
                     return
-                columns, packed = pack_rows(batch)
-                rows = Rows(id=stream.open.id, columns=columns, rows=packed)
+                columns, tuples = batch
+                packed, tagged = pack_rows(tuples)
+                rows = Rows(id=stream.open.id, columns=columns, rows=packed, tagged=tagged)
                 await self._send_bytes(
-                    self._fits(rows, f"a batch of {len(batch)} rows from {stream.open.connector}", "lower batch_size")
+                    self._fits(rows, f"a batch of {len(tuples)} rows from {stream.open.connector}", "lower batch_size")
                 )
         except ProtocolError as exc:
             self._protocol_violation(f"stream {stream.open.id}: {exc}")
