@@ -52,7 +52,7 @@ from ..protocol import (
 from ..types import Reason, Status
 from .processes import kill_tree, signal_name, tree_pids
 from .cgroups import AttemptCgroup, CgroupError
-from .containment import Containment, sandbox_problem, sandbox_summary
+from .containment import Containment, sandbox_gaps, sandbox_problem
 from .spawn import ChildHandle, child_environment, spawn_child
 
 Emit = Callable[[str, str, str], Awaitable[None]]
@@ -421,6 +421,11 @@ class AttemptSession:
             problem = sandbox_problem(msg.report)
             if problem:
                 self._refuse(Reason.SANDBOX, "SandboxError", f"the sandbox could not be applied, so the step was not run: {problem}")
+                return None
+            pids_capped = self._group is not None and self._group.pids_limit is not None
+            gaps = sandbox_gaps(msg.report, pids_capped=pids_capped)
+            if gaps:  # a known fallback, said once per attempt rather than silently
+                await self._note("WARNING", f"sandbox: {gaps}")
             return None
         if isinstance(msg, Sealed):
             return self._protocol_violation("unexpected 'sealed' message")
