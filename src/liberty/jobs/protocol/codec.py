@@ -58,7 +58,7 @@ def _structure(line: bytes, union: Any, direction: str) -> Any:
         raise ProtocolError(f"unknown {direction} message type {tag!r}")
     del obj["t"]
     try:
-        return converter.structure(obj, _CLASS_OF[direction][tag])
+        return _HOOK_OF[direction][tag](obj, None)
     except Exception as exc:  # cattrs raises several types (incl. ExceptionGroup); all mean "invalid"
         detail = "; ".join(f"{msg} at {where or 'top level'}" for where, msg in describe_error(exc))
         raise ProtocolError(f"invalid {direction} message {tag!r}: {detail}") from None
@@ -90,11 +90,20 @@ def encode(message: ChildMessage | ParentMessage, *, max_line: int = DEFAULT_MAX
     return data + b"\n"
 
 
+def _bind(hook: Any, cls: type) -> Any:
+    return lambda obj, _: hook(obj, cls)
+
+
 _CLASS_OF = {
     "child": {TAGS[c]: c for c in ChildMessage.__args__},
     "parent": {TAGS[c]: c for c in ParentMessage.__args__},
 }
 _ALLOWED_TAGS = _CLASS_OF
+# The generated structure function of each message, looked up once rather than dispatched per line.
+_HOOK_OF = {
+    direction: {tag: _bind(converter.get_structure_hook(cls), cls) for tag, cls in classes.items()}
+    for direction, classes in _CLASS_OF.items()
+}
 
 
 class LineSplitter:
