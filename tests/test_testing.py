@@ -282,3 +282,35 @@ def test_pyproject_entry_point_registers_the_fake_ctx_fixture(tmp_path):
     result = _run_pytest(project, pythonpath=[_SRC, tmp_path / "site"])
     assert result.returncode == 0, result.stdout + result.stderr
     assert "3 passed" in result.stdout
+
+
+# --- FakeSqlConnector ------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_fake_sql_connector_runs_real_sql_with_the_runners_surface() -> None:
+    from liberty.jobs.testing import FakeSqlConnector
+
+    db = FakeSqlConnector()
+    await db.execute("CREATE TABLE t (x INTEGER, y TEXT)")
+    assert await db.executemany("INSERT INTO t VALUES (?, ?)", [(1, "a"), (2, "b"), (3, "c")]) == 3
+    assert await db.scalar("SELECT count(*) FROM t WHERE x > ?", 1) == 2
+    assert await db.fetchrow("SELECT y FROM t WHERE x = ?", 2) == {"y": "b"}
+    assert await db.fetch("SELECT x FROM t ORDER BY x") == [{"x": 1}, {"x": 2}, {"x": 3}]
+    assert [row["x"] async for row in db.stream("SELECT x FROM t ORDER BY x", batch_size=2)] == [1, 2, 3]
+
+
+@pytest.mark.asyncio
+async def test_fake_sql_connector_transaction_rolls_back_on_an_exception() -> None:
+    from liberty.jobs.testing import FakeSqlConnector
+
+    db = FakeSqlConnector()
+    await db.execute("CREATE TABLE t (x INTEGER)")
+    with pytest.raises(RuntimeError):
+        async with db.transaction() as tx:
+            await tx.execute("INSERT INTO t VALUES (1)")
+            raise RuntimeError("boom")
+    assert await db.scalar("SELECT count(*) FROM t") == 0
+    async with db.transaction() as tx:
+        await tx.execute("INSERT INTO t VALUES (2)")
+    assert await db.scalar("SELECT count(*) FROM t") == 1

@@ -303,3 +303,34 @@ def test_a_separate_interpreter_catches_each_exception_by_its_driver_type() -> N
         ["PermissionError", "nope"],
         ["LookupError", "'k'"],
     ]
+
+
+def test_stream_rows_pack_and_unpack_to_the_same_dicts_with_tagged_values() -> None:
+    import datetime as dt
+    import decimal
+
+    from liberty.jobs.protocol.values import pack_rows, unpack_rows
+
+    rows = [(1, "a", dt.date(2026, 4, 1), decimal.Decimal("1.10")), (2, None, dt.date(2026, 4, 2), decimal.Decimal("2"))]
+    packed, tagged = pack_rows(rows)
+    wire = json.loads(json.dumps(packed))
+    assert tagged
+    assert unpack_rows(["id", "name", "day", "amount"], wire, tagged=True) == [
+        {"id": 1, "name": "a", "day": dt.date(2026, 4, 1), "amount": decimal.Decimal("1.10")},
+        {"id": 2, "name": None, "day": dt.date(2026, 4, 2), "amount": decimal.Decimal("2")},
+    ]
+
+
+def test_a_batch_of_plain_rows_goes_as_it_is_and_untagged() -> None:
+    from liberty.jobs.protocol.values import pack_rows
+
+    rows = [(1, "a"), (2, "b")]
+    packed, tagged = pack_rows(rows)
+    assert packed is rows and not tagged
+
+
+def test_a_stream_row_of_the_wrong_width_is_a_protocol_error() -> None:
+    from liberty.jobs.protocol.values import unpack_rows
+
+    with pytest.raises(ProtocolError, match="list of 2 values"):
+        unpack_rows(["a", "b"], [[1, 2], [3]], tagged=False)

@@ -194,3 +194,44 @@ async def test_an_attempt_starts_without_earlier_attempts_plugins_or_supervisor_
         assert sup.start_mode == "zygote"
         _, second = succeeded(await sup.run(job(step("alpha:first", "a"), step("beta:second", "b"))))
     assert second == {"forbidden": [], "self": True}
+
+
+def zombie_children() -> set[int]:
+    me = os.getpid()
+    out = set()
+    for child in psutil.Process(me).children():
+        try:
+            if child.status() == psutil.STATUS_ZOMBIE:
+                out.add(child.pid)
+        except psutil.NoSuchProcess:
+            continue
+    return out
+
+
+async def test_the_spare_attempt_forked_ahead_is_reaped_when_the_supervisor_stops(plugins: Path) -> None:
+    before = zombie_children()
+    async with Supervisor(plugins=plugins, history=":memory:") as sup:
+        succeeded(await sup.run(job(step("probes:cmdline"))))
+        zygote = sup._zygote
+        assert zygote is not None
+        with trio.fail_after(10):
+            while True:  # the zygote forks the next attempt right after handing one out
+                zygote._read_spares()
+                if zygote._spares:
+                    break
+                await trio.sleep(0.02)
+        spares = set(zygote._spares)
+    assert spares and not any(alive(pid) for pid in spares)
+    assert not (zombie_children() - before), "an unused spare was left as a zombie"
+
+
+async def test_the_spare_of_a_killed_zygote_is_reaped_on_restart(plugins: Path) -> None:
+    before = zombie_children()
+    async with Supervisor(plugins=plugins, history=":memory:") as sup:
+        succeeded(await sup.run(job(step("probes:cmdline"))))
+        os.kill(zygote_pid(sup), signal.SIGKILL)
+        succeeded(await sup.run(job(step("probes:cmdline"))))
+        with trio.fail_after(10):
+            while zombie_children() - before:
+                await trio.sleep(0.05)
+    assert not (zombie_children() - before)
