@@ -50,9 +50,12 @@ class RunHandle:
     cancel_event: trio.Event = attrs.field(factory=trio.Event)
     finished: trio.Event = attrs.field(factory=trio.Event)
     _supervisor: Supervisor | None = None
+    record: RunView | None = None  # the finished run, read in the same hop that finished it
 
     async def wait(self) -> RunView:
         await self.finished.wait()
+        if self.record is not None:
+            return self.record
         assert self._supervisor is not None
         return await self._supervisor.get_run(self.run_id)
 
@@ -290,7 +293,12 @@ class Supervisor:
                 if record["status"] != Status.SUCCEEDED:
                     final = Status(record["status"])
             await sink.flush()
-            await trio.to_thread.run_sync(store.finish_run, handle.run_id, final)
+
+            def finish_run() -> RunView:
+                store.finish_run(handle.run_id, final)
+                return store.get_run(handle.run_id)
+
+            handle.record = await trio.to_thread.run_sync(finish_run)
         except BaseException:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(
@@ -318,28 +326,27 @@ class Supervisor:
             attempt += 1
             started = time.time()
             outcome = await self._run_attempt(handle, step, attempt, kwargs, previous, user)
-            await trio.to_thread.run_sync(
-                store.record_attempt,
-                AttemptRecord(
-                    run_id=handle.run_id,
-                    step=step.name,
-                    attempt=attempt,
-                    status=outcome.status,
-                    reason=outcome.reason,
-                    output=outcome.output,
-                    error=outcome.error,
-                    started_at=started,
-                    ended_at=time.time(),
-                    wall_s=outcome.wall_s,
-                    cpu_s=outcome.cpu_s,
-                    peak_rss_mb=outcome.peak_rss_mb,
-                    exit_code=outcome.exit_code,
-                    usage=outcome.usage,
-                ),
+            record: AttemptRecord | None = AttemptRecord(
+                run_id=handle.run_id,
+                step=step.name,
+                attempt=attempt,
+                status=outcome.status,
+                reason=outcome.reason,
+                output=outcome.output,
+                error=outcome.error,
+                started_at=started,
+                ended_at=time.time(),
+                wall_s=outcome.wall_s,
+                cpu_s=outcome.cpu_s,
+                peak_rss_mb=outcome.peak_rss_mb,
+                exit_code=outcome.exit_code,
+                usage=outcome.usage,
             )
             retryable = outcome.status in (Status.FAILED, Status.TIMED_OUT) and not handle.cancel_event.is_set()
             if not retryable or attempt >= step.retry.max_attempts:
                 break
+            await trio.to_thread.run_sync(store.record_attempt, record)
+            record = None  # recorded; the step's final write needs only its own
             delay = step.retry.delay_before(attempt + 1)
             await self._system_log(
                 handle.run_id, step.name, attempt,
@@ -353,8 +360,12 @@ class Supervisor:
                 outcome = attrs.evolve(outcome, status=Status.CANCELLED)
                 break
         error = dict(outcome.error, reason=str(outcome.reason)) if outcome.error else None
-        await trio.to_thread.run_sync(
-            lambda: store.finish_step(
+        last = record
+
+        def finish() -> None:  # the last attempt and the step's result in one thread hop
+            if last is not None:
+                store.record_attempt(last)
+            store.finish_step(
                 handle.run_id,
                 step.name,
                 status=outcome.status,
@@ -365,7 +376,8 @@ class Supervisor:
                 cpu_s=outcome.cpu_s,
                 peak_rss_mb=outcome.peak_rss_mb,
             )
-        )
+
+        await trio.to_thread.run_sync(finish)
         return {"status": str(outcome.status), "output": outcome.output, "attempts": attempt, "error": error}
 
     async def _run_attempt(
