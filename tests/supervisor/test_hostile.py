@@ -27,6 +27,7 @@ import trio
 from liberty.jobs import Job, Limits, Step, Supervisor
 from liberty.jobs.history import AttemptRecord, LogLine, RunView
 from liberty.jobs.supervisor.containment import FD_RESERVE, THREAD_RESERVE
+from supervisor_helpers import gone, messages
 
 pytestmark = pytest.mark.trio
 
@@ -63,9 +64,8 @@ def job(the_step: Step) -> Job:
 async def hostile_supervisor(plugins: Path, **kwargs: Any) -> AsyncIterator[Supervisor]:
     """A Supervisor that must still run a normal step once the hostile one is done.
 
-    Tests assert after the `async with` block, not inside it, so that no check
-    depends on `Supervisor.__aexit__` propagating the body's exception (it
-    swallowed it; see test_runs.py::test_exception_inside_the_supervisor_block_propagates).
+    Tests assert after the `async with` block, not inside it, so that a failed
+    check never races the supervisor's own shutdown of the runs.
     """
     kwargs.setdefault("history", ":memory:")
     async with Supervisor(plugins=plugins, **kwargs) as sup:
@@ -86,18 +86,6 @@ def failure(run: RunView) -> tuple[str, str, str]:
     s = run.steps[0]
     assert s.error is not None, f"expected a failure, got {s.status} with output {s.output!r:.200}"
     return s.status, s.error["reason"], s.error["type"]
-
-
-def messages(logs: list[LogLine], stream: str) -> list[str]:
-    return [line.message for line in logs if line.stream == stream]
-
-
-def gone(pid: int) -> bool:
-    """No longer running; a zombie counts as gone (it only waits for its reaper)."""
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 def our_zombies() -> set[int]:

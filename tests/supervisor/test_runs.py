@@ -19,6 +19,7 @@ from liberty.jobs import Job, Limits, Retry, Step, Supervisor
 from liberty.jobs.errors import NomaflowError
 from liberty.jobs.history import HistoryStore
 from liberty.jobs.history import LogLine, RunView
+from supervisor_helpers import gone, messages
 
 pytestmark = pytest.mark.trio
 
@@ -75,18 +76,6 @@ async def run_step(
     plugins: Path, python: str, *, start_mode: str = "zygote", **step_kwargs: Any
 ) -> tuple[RunView, list[LogLine]]:
     return await run_job(plugins, job(step(python, **step_kwargs)), start_mode=start_mode)
-
-
-def messages(logs: list[LogLine], stream: str) -> list[str]:
-    return [line.message for line in logs if line.stream == stream]
-
-
-def gone(pid: int) -> bool:
-    """True once `pid` no longer runs (a zombie awaiting its reaper counts as gone)."""
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 async def eventually_gone(pid: int, within: float = 3.0) -> bool:

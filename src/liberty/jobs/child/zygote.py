@@ -17,7 +17,6 @@ import os
 import random
 import socket
 import struct
-import sys
 from collections.abc import Callable
 
 from . import channel as _channel  # noqa: F401
