@@ -54,7 +54,7 @@ def _structure(line: bytes, union: Any, direction: str) -> Any:
     if type(obj) is not dict:
         raise ProtocolError(f"a {direction} message must be a JSON object, got {type(obj).__name__}")
     tag = obj.get("t")
-    if type(tag) is not str or tag not in _ALLOWED_TAGS[direction]:
+    if type(tag) is not str or tag not in _CLASS_OF[direction]:
         raise ProtocolError(f"unknown {direction} message type {tag!r}")
     del obj["t"]
     try:
@@ -98,7 +98,6 @@ _CLASS_OF = {
     "child": {TAGS[c]: c for c in ChildMessage.__args__},
     "parent": {TAGS[c]: c for c in ParentMessage.__args__},
 }
-_ALLOWED_TAGS = _CLASS_OF
 # The generated structure function of each message, looked up once rather than dispatched per line.
 _HOOK_OF = {
     direction: {tag: _bind(converter.get_structure_hook(cls), cls) for tag, cls in classes.items()}
