@@ -6,6 +6,10 @@
 (b) stream: 1M small rows through `target.stream(...)`, timed by the step,
     against iterating the same query with `sqlite3` in-process.
 
+Each is measured in `ROUNDS` rounds, a round being the baseline and then the
+connector right after it, so that both see the same machine load; the ratio is
+the median of the rounds' ratios, and every round is printed.
+
     python bench/connectors_bench.py [--quick]
 """
 
@@ -29,6 +33,7 @@ from liberty.jobs import Job, Limits, Step, Supervisor
 
 ROUND_TRIP_TARGET = 2.0
 STREAM_TARGET = 3.0
+ROUNDS = 3
 STREAM_SQL = "SELECT id, qty, code FROM items"
 
 _STEPS = '''
@@ -101,26 +106,27 @@ def make_items(path: Path, rows: int) -> None:
     db.close()
 
 
-def in_process_iteration(path: Path) -> dict[str, float]:
-    """The same query iterated with sqlite3 in this process: tuples, and dict rows (what the connector yields)."""
+def in_process_iteration(path: Path, *, with_dicts: bool) -> dict[str, float]:
+    """The same query iterated with sqlite3 in this process: tuples, and (for context) dict rows."""
     out = {}
     with sqlite3.connect(path) as db:
         t0 = time.perf_counter()
         rows = sum(1 for _ in db.execute(STREAM_SQL))
         out["tuples_s"] = time.perf_counter() - t0
-        cur = db.execute(STREAM_SQL)
-        names = [d[0] for d in cur.description]
-        t0 = time.perf_counter()
-        rows_d = sum(1 for row in cur for _ in (dict(zip(names, row)),))
-        out["dicts_s"] = time.perf_counter() - t0
+        if with_dicts:
+            cur = db.execute(STREAM_SQL)
+            names = [d[0] for d in cur.description]
+            t0 = time.perf_counter()
+            rows_d = sum(1 for row in cur for _ in (dict(zip(names, row)),))
+            out["dicts_s"] = time.perf_counter() - t0
+            assert rows == rows_d
     db.close()
-    assert rows == rows_d
     out["rows"] = rows
     return out
 
 
 async def bench_connectors(quick: bool) -> dict[str, Any]:
-    n_calls, warmup = (500, 100) if quick else (3000, 300)
+    n_calls, warmup = (500, 100) if quick else (1000, 100)  # per round
     n_rows, batch_size = (200_000 if quick else 1_000_000), 5000
     with tempfile.TemporaryDirectory(prefix="nomaflow-bench-conn-") as tmp:
         root = Path(tmp)
@@ -131,8 +137,6 @@ async def bench_connectors(quick: bool) -> dict[str, Any]:
             '[mem]\ntype = "sqlite"\npath = ":memory:"\n\n[big]\ntype = "sqlite"\npath = "big.db"\ncall_timeout_seconds = 600\n'
         )
         make_items(root / "big.db", n_rows)
-        raw = raw_pipe_round_trips(n_calls, warmup)
-        local = in_process_iteration(root / "big.db")
 
         def step(python: str, **op_kwargs: Any) -> Step:
             return Step(
@@ -140,23 +144,33 @@ async def bench_connectors(quick: bool) -> dict[str, Any]:
                 op_kwargs=op_kwargs, limits=Limits(max_output_kb=64),
             )
 
+        async def run(name: str, python: str, **op_kwargs: Any) -> dict[str, Any]:
+            done = await sup.run(Job(name=name, steps=[step(python, **op_kwargs)]))
+            if done.status != "SUCCEEDED":
+                raise RuntimeError(f"benchmark step failed: {done.steps[0].error}")
+            return done.steps[0].output
+
+        raws, rts, locals_, streams = [], [], [], []
         async with Supervisor(plugins=plugins, history=":memory:", connectors=root / "connectors.toml") as sup:
-            rt_run = await sup.run(Job(name="bench-round-trip", steps=[step("round_trips", n=n_calls, warmup=warmup)]))
-            st_run = await sup.run(Job(name="bench-stream", steps=[step("stream_rows", sql=STREAM_SQL, batch_size=batch_size)]))
-        for run in (rt_run, st_run):
-            if run.status != "SUCCEEDED":
-                raise RuntimeError(f"benchmark step failed: {run.steps[0].error}")
-        rt, st = rt_run.steps[0].output, st_run.steps[0].output
-        assert st["rows"] == local["rows"] == n_rows
-    round_trip_ratio = rt["median"] / raw["median"]
-    stream_ratio = st["seconds"] / local["tuples_s"]
+            for _ in range(ROUNDS):
+                raws.append(raw_pipe_round_trips(n_calls, warmup))
+                rts.append(await run("bench-round-trip", "round_trips", n=n_calls, warmup=warmup))
+            for i in range(ROUNDS):
+                locals_.append(in_process_iteration(root / "big.db", with_dicts=i == 0))
+                streams.append(await run("bench-stream", "stream_rows", sql=STREAM_SQL, batch_size=batch_size))
+        assert all(st["rows"] == local["rows"] == n_rows for st, local in zip(streams, locals_))
+    rt_ratios = [rt["median"] / raw["median"] for rt, raw in zip(rts, raws)]
+    st_ratios = [st["seconds"] / local["tuples_s"] for st, local in zip(streams, locals_)]
+    round_trip_ratio, stream_ratio = statistics.median(rt_ratios), statistics.median(st_ratios)
+    us = lambda seconds: round(seconds * 1e6, 1)  # noqa: E731
     return {
         "round_trip": {
-            "calls": n_calls,
-            "connector_median_us": round(rt["median"] * 1e6, 1),
-            "connector_p90_us": round(rt["p90"] * 1e6, 1),
-            "raw_pipe_median_us": round(raw["median"] * 1e6, 1),
-            "raw_pipe_p90_us": round(raw["p90"] * 1e6, 1),
+            "calls_per_round": n_calls,
+            "connector_median_us": [us(rt["median"]) for rt in rts],
+            "connector_p90_us": [us(rt["p90"]) for rt in rts],
+            "raw_pipe_median_us": [us(raw["median"]) for raw in raws],
+            "raw_pipe_p90_us": [us(raw["p90"]) for raw in raws],
+            "round_ratios": [round(r, 2) for r in rt_ratios],
             "ratio": round(round_trip_ratio, 2),
             "target": ROUND_TRIP_TARGET,
             "met": round_trip_ratio <= ROUND_TRIP_TARGET,
@@ -164,12 +178,13 @@ async def bench_connectors(quick: bool) -> dict[str, Any]:
         "stream": {
             "rows": n_rows,
             "batch_size": batch_size,
-            "connector_s": round(st["seconds"], 3),
-            "connector_rows_per_s": round(n_rows / st["seconds"]),
-            "in_process_tuples_s": round(local["tuples_s"], 3),
-            "in_process_dicts_s": round(local["dicts_s"], 3),
+            "connector_s": [round(st["seconds"], 3) for st in streams],
+            "connector_rows_per_s": [round(n_rows / st["seconds"]) for st in streams],
+            "in_process_tuples_s": [round(local["tuples_s"], 3) for local in locals_],
+            "in_process_dicts_s": round(locals_[0]["dicts_s"], 3),
+            "round_ratios": [round(r, 2) for r in st_ratios],
             "ratio": round(stream_ratio, 2),
-            "ratio_vs_dict_rows": round(st["seconds"] / local["dicts_s"], 2),
+            "ratio_vs_dict_rows": round(statistics.median(st["seconds"] for st in streams) / locals_[0]["dicts_s"], 2),
             "target": STREAM_TARGET,
             "met": stream_ratio <= STREAM_TARGET,
         },

@@ -255,6 +255,17 @@ def test_settings_wrong_type_names_file_and_key(tmp_path: Path) -> None:
     assert info.value.key == "plugins" and str(path) in str(info.value)
 
 
+def test_settings_warm_spares_out_of_range_names_file_key_and_range(tmp_path: Path) -> None:
+    path = write(tmp_path, "warm_spares = -1\n", "nomaflow.toml")
+    with pytest.raises(ConfigError) as info:
+        Settings.load(path)
+    assert info.value.key == "warm_spares" and str(path) in str(info.value) and "between 0" in str(info.value)
+
+
+def test_settings_warm_spares_zero_is_allowed(tmp_path: Path) -> None:
+    assert Settings.load(write(tmp_path, "warm_spares = 0\n", "nomaflow.toml")).warm_spares == 0
+
+
 def test_settings_invalid_toml_names_the_file(tmp_path: Path) -> None:
     path = write(tmp_path, "plugins = \n", "nomaflow.toml")
     with pytest.raises(ConfigError) as info:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import decimal
 import json
+import marshal
 import math
 import pickle
 import sqlite3
@@ -334,3 +336,152 @@ def test_a_stream_row_of_the_wrong_width_is_a_protocol_error() -> None:
 
     with pytest.raises(ProtocolError, match="list of 2 values"):
         unpack_rows(["a", "b"], [[1, 2], [3]], tagged=False)
+
+
+# --- stream batches as blobs ---------------------------------------------------------------
+
+_BLOB_ROWS = [
+    (1, "plain", b"\x00\xffbytes", 1.5, None, True),
+    (-(2**80), "naïve ☃ \ud800", b"", math.nan, None, False),
+    (0, "", b"x" * 300, -0.0, None, True),
+    (2**63, "\n\"quoted\"", b"\n", math.inf, None, False),
+]
+_BLOB_COLUMNS = ["id", "text", "data", "real", "nothing", "flag"]
+
+
+def _through_the_pipe(columns: list[str], batch: Any) -> list[dict[str, Any]]:
+    """A batch as the supervisor sends it (a `BatchBuilder`), decoded and unpacked as the child does."""
+    from liberty.jobs.protocol import Rows, decode_parent_message, encode
+    from liberty.jobs.protocol.codec import encode_rows_blob
+    from liberty.jobs.protocol.values import unpack_blob, unpack_rows
+
+    blob = batch.blob()
+    if blob is not None:
+        line = encode_rows_blob(Rows(id=1, columns=columns), blob)
+    else:
+        packed, tagged = batch.packed_rows()
+        line = encode(Rows(id=1, columns=columns, rows=packed, tagged=tagged))
+    msg = decode_parent_message(line[:-1])
+    assert isinstance(msg, Rows)
+    if msg.blob:
+        return list(unpack_blob(msg.columns, msg.blob))
+    return unpack_rows(msg.columns, msg.rows, tagged=msg.tagged)
+
+
+def test_a_batch_of_driver_scalars_travels_as_a_blob_and_comes_back_exactly() -> None:
+    from liberty.jobs.protocol.values import BatchBuilder
+
+    batch = BatchBuilder()
+    batch.add(_BLOB_ROWS)
+    assert batch.blob() is not None
+    got = _through_the_pipe(_BLOB_COLUMNS, batch)
+    assert len(got) == len(_BLOB_ROWS)
+    for row, sent in zip(got, _BLOB_ROWS):
+        assert list(row) == _BLOB_COLUMNS
+        assert all(same(value, original) for value, original in zip(row.values(), sent)), (row, sent)
+
+
+def test_a_batch_marshalled_chunk_by_chunk_is_the_batch_marshalled_at_once() -> None:
+    from liberty.jobs.protocol.values import BLOB_CHUNK_ROWS, BatchBuilder
+
+    rows = [(i, f"r{i}", i / 3) for i in range(1000)]
+    whole, chunked = BatchBuilder(), BatchBuilder(frozenset({int, str, float}))  # types known: marshalled as added
+    whole.add(rows)
+    for start in range(0, len(rows), BLOB_CHUNK_ROWS):
+        chunked.add(rows[start : start + BLOB_CHUNK_ROWS])
+    chunked.add([])
+    assert chunked.blob() == whole.blob() and chunked.count == 1000
+    assert [tuple(r.values()) for r in _through_the_pipe(["a", "b", "c"], chunked)] == rows
+
+
+def test_a_batch_with_a_value_marshal_would_not_keep_goes_as_tagged_rows() -> None:
+    from liberty.jobs.protocol.values import BatchBuilder
+
+    batch = BatchBuilder()
+    batch.add([(1, "a")])
+    batch.add([(2, decimal.Decimal("2.50")), (3, dt.date(2026, 4, 1))])
+    assert batch.blob() is None and batch.packed_rows()[1]
+    got = _through_the_pipe(["id", "v"], batch)
+    assert got == [{"id": 1, "v": "a"}, {"id": 2, "v": decimal.Decimal("2.50")}, {"id": 3, "v": dt.date(2026, 4, 1)}]
+    assert type(got[1]["v"]) is decimal.Decimal
+
+
+def test_a_bytearray_is_not_sent_as_a_blob_it_would_come_back_as_bytes() -> None:
+    from liberty.jobs.protocol.values import BatchBuilder
+
+    batch = BatchBuilder()
+    batch.add([(1, bytearray(b"ab"))])
+    assert batch.blob() is None
+
+
+def test_rows_without_columns_keep_their_count() -> None:
+    from liberty.jobs.protocol.values import BatchBuilder
+
+    batch = BatchBuilder()
+    batch.add([(), (), ()])
+    assert _through_the_pipe([], batch) == [{}, {}, {}]
+
+
+def test_a_wide_batch_builds_its_dicts_without_the_generated_maker() -> None:
+    from liberty.jobs.protocol.values import BatchBuilder
+
+    columns = [f"c{i}" for i in range(100)]
+    batch = BatchBuilder()
+    batch.add([tuple(range(100)), tuple(range(100, 200))])
+    got = _through_the_pipe(columns, batch)
+    assert got == [dict(zip(columns, range(100))), dict(zip(columns, range(100, 200)))]
+
+
+def test_duplicate_column_names_keep_the_last_value_as_dict_zip_does() -> None:
+    from liberty.jobs.protocol.values import BatchBuilder
+
+    batch = BatchBuilder()
+    batch.add([(1, 2)])
+    assert _through_the_pipe(["a", "a"], batch) == [dict(zip(["a", "a"], (1, 2)))] == [{"a": 2}]
+
+
+def _blob(*chunks: bytes) -> str:
+    return base64.b64encode(b"".join(len(c).to_bytes(4, "little") + c for c in chunks)).decode()
+
+
+_GOOD = marshal.dumps([(1, 2), (3, 4)])
+
+
+@pytest.mark.parametrize(
+    "blob",
+    [
+        "not base64 at all!",
+        _blob(_GOOD)[:-8],
+        _blob(_GOOD) + base64.b64encode(b"\x01\x00").decode(),
+        _blob(b"\xff\xfe not marshal"),
+        _blob(marshal.dumps({"a": 1})),
+        _blob(marshal.dumps([(1,), (2,)])),
+        _blob(marshal.dumps([[1, 2], [3, 4]])),
+    ],
+    ids=["not-base64", "truncated", "partial-length", "not-marshal", "not-a-list", "wrong-width", "list-rows"],
+)
+def test_a_malformed_blob_is_a_protocol_error(blob: str) -> None:
+    from liberty.jobs.protocol.values import unpack_blob
+
+    with pytest.raises(ProtocolError):
+        list(unpack_blob(["a", "b"], blob))
+
+
+def test_the_malformed_blob_cases_differ_from_a_good_one_only_in_their_flaw() -> None:
+    from liberty.jobs.protocol.values import unpack_blob
+
+    assert list(unpack_blob(["a", "b"], _blob(_GOOD, _GOOD))) == [{"a": 1, "b": 2}, {"a": 3, "b": 4}] * 2
+
+
+def test_a_rows_line_with_a_blob_is_the_line_encode_would_write() -> None:
+    from liberty.jobs.protocol import Rows, encode
+    from liberty.jobs.protocol.codec import encode_rows_blob
+    from liberty.jobs.protocol.values import pack_blob
+
+    blob = pack_blob([[1, 2], ["a", 'b"\\']])
+    rows = Rows(id=7, columns=["n", 'quote"d'])
+    assert encode_rows_blob(rows, blob) == encode(Rows(id=7, columns=["n", 'quote"d'], blob=blob.decode()))
+    with pytest.raises(ProtocolError, match="base64"):
+        encode_rows_blob(rows, b'AAAA"')
+    with pytest.raises(ProtocolError, match="line cap"):
+        encode_rows_blob(rows, blob, max_line=len(blob) + 20)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import sqlite3
+from pathlib import Path
+
 import pytest
 import trio
 
-from liberty.jobs.connectors import ConnectorRegistry, HttpConfig, SqliteConfig
+from liberty.jobs.connectors import ConnectorRegistry, ConnectorSession, HttpConfig, SqliteConfig
 from liberty.jobs.errors import ProtocolError
 
 pytestmark = pytest.mark.trio
@@ -138,3 +141,43 @@ async def test_registry_check_reports_without_secrets() -> None:
 async def test_a_config_registered_under_another_name_is_refused() -> None:
     with pytest.raises(ValueError, match="registered under another name"):
         ConnectorRegistry({"other": CONFIGS["crm"]})
+
+
+async def test_call_now_answers_an_in_memory_statement_without_waiting() -> None:
+    async with ConnectorRegistry(CONFIGS) as reg, reg.session("load", ["reporting"]) as s:
+        await s.call("reporting", "scalar", ["SELECT 1"], {})  # opens the backend
+        assert s.call_now("reporting", "scalar", ["SELECT 41 + ?", 1], {}) == 42
+        assert s.call_now("reporting", "fetch", ["SELECT 1 AS a UNION ALL SELECT 2"], {}) == [{"a": 1}, {"a": 2}]
+        with pytest.raises(sqlite3.OperationalError, match="syntax error"):
+            s.call_now("reporting", "execute", ["SELEC 1"], {})
+        with pytest.raises(PermissionError):
+            s.call_now("crm", "scalar", ["SELECT 1"], {})
+
+
+async def test_call_now_leaves_undone_what_has_to_wait(tmp_path: Path) -> None:
+    cfg = {"m": SqliteConfig(name="m", path=":memory:"), "f": SqliteConfig(name="f", path=str(tmp_path / "f.db"))}
+    not_now = ConnectorSession.NOT_NOW
+    async with ConnectorRegistry(cfg) as reg, reg.session("a", ["m", "f"]) as s, reg.session("b", ["m"]) as other:
+        assert s.call_now("m", "scalar", ["SELECT 1"], {}) is not_now  # not opened yet: opening may wait
+        await s.call("m", "execute", ["CREATE TABLE t (x)"], {})
+        await s.call("f", "execute", ["CREATE TABLE t (x)"], {})
+        assert s.call_now("f", "scalar", ["SELECT count(*) FROM t"], {}) is not_now  # a file: I/O and locks
+        assert s.call_now("m", "begin", [], {}) is not_now
+        tx = await other.call("m", "begin", [], {})
+        assert s.call_now("m", "execute", ["INSERT INTO t VALUES (1)"], {}) is not_now  # the transaction holds it
+        assert other.call_now("m", "execute", ["INSERT INTO t VALUES (1)"], {}, tx=tx) is not_now
+        await other.call("m", "rollback", [], {}, tx=tx)
+        assert await s.call("m", "scalar", ["SELECT count(*) FROM t"], {}) == 0
+
+
+_MANY = "INSERT INTO t SELECT x FROM (WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 300000) SELECT x FROM c)"
+
+
+async def test_a_statement_over_the_inline_budget_is_undone_and_run_once_on_a_thread() -> None:
+    cfg = {"m": SqliteConfig(name="m", path=":memory:")}
+    async with ConnectorRegistry(cfg) as reg, reg.session("a", ["m"]) as s:
+        await s.call("m", "execute", ["CREATE TABLE t (x)"], {})
+        assert s.call_now("m", "execute", [_MANY], {}) is ConnectorSession.NOT_NOW
+        assert await s.call("m", "scalar", ["SELECT count(*) FROM t"], {}) == 0
+        assert await s.call("m", "execute", [_MANY], {}) == 300000
+        assert await s.call("m", "scalar", ["SELECT count(*) FROM t"], {}) == 300000

@@ -161,6 +161,36 @@ async def test_stream_delivers_every_row_in_bounded_batches(target: SqlTarget) -
         await s.stream_close(sid)  # closing a finished stream is harmless
 
 
+class _Ids:
+    """A stream sink that makes each batch the list of its ids."""
+
+    def __init__(self, value_types: frozenset[type] | None) -> None:
+        self.ids: list[int] = []
+
+    def add(self, rows: list[tuple[Any, ...]]) -> None:
+        self.ids.extend(row[0] for row in rows)
+
+    def finish(self, columns: list[str]) -> list[int]:
+        assert columns == ["id", "qty"]
+        return self.ids
+
+
+async def test_stream_pump_sends_batches_in_order_while_credit_lasts(target: SqlTarget) -> None:
+    async with ConnectorRegistry({"db": target.config}) as reg, reg.session("s", ["db"]) as s:
+        await make_table(s, target)
+        await insert(s, target, *[(i, f"n{i}", i % 7) for i in range(2000)])
+        sid = await s.stream_open("db", target.q("SELECT id, qty FROM {t} ORDER BY id"), [], 600)
+        batches: list[list[int]] = []
+        credit = iter([True, True])
+        assert not await s.stream_pump(sid, _Ids, lambda: next(credit, False), batches.append)
+        assert [len(b) for b in batches] == [600, 600]
+        assert await s.stream_pump(sid, _Ids, lambda: True, batches.append)
+        assert [len(b) for b in batches] == [600, 600, 600, 200]
+        assert [i for b in batches for i in b] == list(range(2000))
+        assert await s.stream_pump(sid, _Ids, lambda: True, batches.append)  # finished: nothing more
+        assert len(batches) == 4
+
+
 async def test_stream_of_an_empty_result_ends_at_once(target: SqlTarget) -> None:
     async with ConnectorRegistry({"db": target.config}) as reg, reg.session("s", ["db"]) as s:
         await make_table(s, target)

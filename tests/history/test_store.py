@@ -194,6 +194,14 @@ def test_duplicate_step_names_are_usage_error(store: HistoryStore):
         store.get_run("run-0001")
 
 
+def test_a_run_created_started_is_running_with_its_first_step(store: HistoryStore):
+    store.create_run("run-0001", "demo", session_user="alice", params={}, steps=["extract", "load"],
+                     supervisor_pid=os.getpid(), created_at=5.0, started=True)
+    run = store.get_run("run-0001")
+    assert (run.status, run.started_at) == ("RUNNING", 5.0)
+    assert [(s.name, s.status, s.started_at) for s in run.steps] == [("extract", "RUNNING", 5.0), ("load", "QUEUED", None)]
+
+
 def test_start_run_sets_running(store: HistoryStore):
     _new_run(store)
     store.start_run("run-0001", started_at=5.0)

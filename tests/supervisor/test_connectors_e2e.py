@@ -31,6 +31,7 @@ import pytest
 import trio
 
 from liberty.jobs.supervisor import AttemptSession
+from liberty.jobs.child.connectors import STREAM_CREDIT
 from liberty.jobs import Job, Limits, Step, Supervisor
 from liberty.jobs.history import LogLine, RunView
 
@@ -206,6 +207,35 @@ async def oversize_stream_batch(ctx, *, conn, **_):
         return {"rows": n}
     except Exception as exc:
         return {"rows": n, "error": type(exc).__name__, "message": str(exc)}
+
+
+async def hog_stream_credit(ctx, *, conn, sql, seconds, **_):
+    # A hostile child: it opens a stream itself with all the credit there is, then keeps its
+    # reader thread from running (no switch to it for 100 s), so nothing it is sent gets read.
+    import json, sys, time
+    channel = ctx.get_connector(conn)._channel
+    received = []
+    channel.expect_rows(10**9, received.append)
+    line = {"t": "stream_open", "id": 10**9, "connector": conn, "sql": sql, "params": [],
+            "batch_size": 1000, "credit": 10**9, "tx": None}
+    sys.setswitchinterval(100.0)
+    os.write(4, json.dumps(line).encode() + b"\\n")
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        pass
+    sys.setswitchinterval(0.005)
+    await asyncio.sleep(0.5)  # the reader thread catches up
+    return {"batches": len(received)}
+
+
+async def write_per_streamed_row(ctx, *, conn, n, **_):
+    t = ctx.get_connector(conn)
+    await t.execute("CREATE TABLE IF NOT EXISTS seen (i INTEGER)")
+    started = asyncio.get_running_loop().time()
+    async with t.transaction() as tx:
+        async for row in tx.stream(f"WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM s WHERE i < {n}) SELECT i FROM s", batch_size=1):
+            await tx.execute("INSERT INTO seen VALUES (?)", row["i"])
+    return {"seen": await t.scalar("SELECT count(*) FROM seen"), "seconds": asyncio.get_running_loop().time() - started}
 
 
 async def concurrent_calls(ctx, *, conn, sql, n, **_):
@@ -777,6 +807,29 @@ async def test_stream_of_100k_rows_in_small_batches_keeps_the_supervisors_memory
     assert out["peak_growth_mib"] < 6, f"the child's peak RSS grew {out['peak_growth_mib']:.1f} MiB while streaming"
 
 
+async def test_a_child_that_grants_credit_but_reads_nothing_cannot_make_the_supervisor_buffer_the_table(
+    world: World,
+) -> None:
+    # 300k rows of ~210 bytes: ~90 MB of `rows` lines if the supervisor encoded them all.
+    kw = {"conn": "mem", "sql": _SQLITE_SERIES.format(n=300_000), "seconds": 3.0}
+    hog = step("e2e:hog_stream_credit", connectors=["mem"], op_kwargs=kw)
+    warm_up = attrs.evolve(hog, op_kwargs={**kw, "sql": _SQLITE_SERIES.format(n=5000), "seconds": 0.2})
+    async with world.supervisor() as sup:
+        succeeded(await sup.run(Job(name="warm-up", steps=[warm_up])))
+        run, growth = await _rss_growth_while(lambda: sup.run(Job(name="hog", steps=[hog])))
+    (out,) = succeeded(run)
+    assert out["batches"] >= 1  # it was streaming
+    assert growth < 16 * 1024 * 1024, f"supervisor RSS grew {growth / 2**20:.1f} MiB for a child reading nothing"
+
+
+async def test_calls_inside_a_transaction_interleave_with_its_stream_without_stalls(world: World) -> None:
+    # The stream and the calls share the transaction's connection: the stream must not hold it waiting for credit.
+    run, _ = await world.run(step("e2e:write_per_streamed_row", connectors=["lite"], op_kwargs={"conn": "lite", "n": 300}))
+    (out,) = succeeded(run)
+    assert out["seen"] == 300
+    assert out["seconds"] < 5, out  # 300 one-row batches: a 50 ms stall per credit grant would be 7.5 s
+
+
 async def test_a_slow_reader_of_a_stream_ending_on_a_batch_boundary_finishes(world: World) -> None:
     # The supervisor sends the last full batch and then, on the credit it still holds, the end marker;
     # the child, still reading, grants credit for a stream the supervisor has already finished.
@@ -811,8 +864,9 @@ async def test_break_out_of_a_postgres_stream_closes_the_server_cursor(world: Wo
     assert out == {"rows": 250, "first": 1, "last": 250, "after": [0, "reusable"]}
     with postgres_server.admin_connect() as admin:
         fetched = admin.execute(f"SELECT last_value FROM {seq}").fetchone()[0]
-    # The server produced only what was fetched: the batches consumed plus at most the credit in flight.
-    assert 250 <= fetched <= 100 * 5, fetched
+    # The server produced only what was fetched: the batches consumed plus at most the credit in flight
+    # (the initial credit, one more for each of the two batches finished, one batch of slack).
+    assert 250 <= fetched <= 100 * (STREAM_CREDIT + 3), fetched
 
 
 async def test_break_out_of_a_sqlite_stream_releases_the_read_lock(world: World) -> None:

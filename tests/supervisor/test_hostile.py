@@ -117,18 +117,26 @@ def new_zombies(before: set[int]) -> set[int]:
 
 
 def attempt_cgroups(sup: Supervisor) -> list[Path] | None:
-    """Attempt cgroup directories still present under this supervisor's tag; None without cgroups.
+    """Attempt cgroup directories still present under this supervisor's tag, but for its waiting
+    warm spares; None without cgroups.
 
     The target machines have cgroups (DESIGN.md), so None fails the `== []` checks.
     """
     manager = sup.containment.cgroups
     if manager is None or not manager.enabled:
         return None
+    spares = {str(pid) for pid in sup._spares.pids()} if sup._spares is not None else set()
+    making = sup._spares is not None and bool(sup._spares._making)
     found = []
     for h in manager.support.hierarchies:
         root = manager.root(h.role)
         if root is not None and root.is_dir():
-            found.extend(p for p in root.iterdir() if p.is_dir() and p.name.startswith("att-"))
+            for p in root.iterdir():
+                if p.is_dir() and p.name.startswith("att-"):
+                    procs = set((p / "cgroup.procs").read_text().split())
+                    pending = making and not procs and p.name.startswith("att-spare-")  # created, pid not in yet
+                    if not (procs and procs <= spares) and not pending:
+                        found.append(p)
     return found
 
 

@@ -128,6 +128,7 @@ def _execute(cfg: _Config, job: Job, params: dict[str, Any], as_json: bool, quie
             on_log=on_log,
             start_mode=cfg.settings.start_mode,
             isolation=cfg.settings.isolation,
+            spares=cfg.settings.warm_spares,
         ) as sup:
             handle = await sup.start(job, params, session_user="cli")
             if not quiet:

@@ -17,6 +17,7 @@ import attrs
 from ._strict import describe_error, make_strict_converter
 from .errors import ConfigError
 
+MAX_WARM_SPARES = 64
 _FUNCTION_REF = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
 
 
@@ -89,7 +90,14 @@ class Settings:
     connectors: str = "connectors.toml"
     start_mode: Literal["zygote", "spawn"] = "zygote"
     isolation: bool = True
+    warm_spares: int = 2
     defaults: dict[str, Any] = attrs.field(factory=dict)
+
+    def __attrs_post_init__(self) -> None:
+        if not 0 <= self.warm_spares <= MAX_WARM_SPARES:
+            raise ConfigError(
+                f"warm_spares must be between 0 (off) and {MAX_WARM_SPARES}, got {self.warm_spares}", key="warm_spares"
+            )
 
     @classmethod
     def load(cls, path: str | Path | None = None) -> Settings:

@@ -25,6 +25,7 @@ from ..protocol import (
     ParentMessage,
     Reply,
     Rows,
+    Start,
     decode_parent_message,
     encode,
 )
@@ -46,18 +47,26 @@ class Channel:
         self._calls: dict[int, Callable[[Reply], None]] = {}
         self._streams: dict[int, Callable[[Rows], None]] = {}
         self.cancelled = threading.Event()
+        self._start: Start | None = None
+        self._started = threading.Event()
         self.on_task_cancel: Callable[[], None] | None = None
 
-    def send(self, message: ChildMessage) -> None:
-        data = encode(message, max_line=self._max_line)
+    def send(self, message: ChildMessage | bytes) -> None:
+        """Write a message (or a line `encode_log` already made) into the pipe before returning.
+
+        Nothing is buffered on this side: a line that was sent survives the
+        child being killed a moment later.
+        """
+        data = message if type(message) is bytes else encode(message, max_line=self._max_line)  # type: ignore[arg-type]
         with self._write_lock:
-            view = memoryview(data)
-            while view:
-                try:
-                    n = os.write(self._fd_out, view)
-                except BrokenPipeError:
-                    os._exit(EXIT_PARENT_GONE)
-                view = view[n:]
+            try:
+                n = os.write(self._fd_out, data)
+                if n < len(data):  # a write over PIPE_BUF can be cut short (by a signal)
+                    view = memoryview(data)[n:]
+                    while view:
+                        view = view[os.write(self._fd_out, view) :]
+            except BrokenPipeError:
+                os._exit(EXIT_PARENT_GONE)
 
     def receive(self) -> ParentMessage:
         """Blocking read of one message; used before the reader thread starts."""
@@ -67,6 +76,12 @@ class Channel:
                 os._exit(EXIT_PARENT_GONE)
             self._pending_lines.extend(self._splitter.feed(data))
         return decode_parent_message(self._pending_lines.pop(0))
+
+    def wait_start(self) -> Start:
+        """Block until the reader thread has received `start` (the step to run)."""
+        self._started.wait()
+        assert self._start is not None
+        return self._start
 
     def new_id(self) -> int:
         with self._calls_lock:
@@ -87,18 +102,12 @@ class Channel:
             self._calls[call_id] = deliver
         return fut
 
-    def expect_reply_async(self, call_id: int) -> asyncio.Future[Reply]:
-        """For a caller on the event loop: the reader thread resolves it with one loop hop."""
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[Reply] = loop.create_future()
-
-        def resolve(reply: Reply) -> None:
-            if not fut.done():  # the awaiting task may have been cancelled
-                fut.set_result(reply)
-
+    def expect_reply_async(self, call_id: int) -> PendingReply:
+        """For a caller on the event loop: `await pending.wait()` after sending the call."""
+        pending = PendingReply(asyncio.get_running_loop())
         with self._calls_lock:
-            self._calls[call_id] = lambda reply: loop.call_soon_threadsafe(resolve, reply)
-        return fut
+            self._calls[call_id] = pending.deliver
+        return pending
 
     def expect_rows(self, stream_id: int, deliver: Callable[[Rows], None]) -> None:
         with self._calls_lock:
@@ -125,7 +134,14 @@ class Channel:
             os._exit(EXIT_PROTOCOL)
 
     def _dispatch(self, msg: ParentMessage) -> None:
-        if isinstance(msg, Cancel):
+        if isinstance(msg, Start):
+            if self._start is not None:
+                raise ProtocolError("a second start message")
+            self._start = msg
+            self._started.set()
+        elif self._start is None:
+            raise ProtocolError(f"{type(msg).__name__} before start")
+        elif isinstance(msg, Cancel):
             self.cancelled.set()
             if msg.stage == "task" and self.on_task_cancel is not None:
                 self.on_task_cancel()
@@ -142,6 +158,69 @@ class Channel:
                 deliver_rows(msg)
         else:
             raise ProtocolError(f"unexpected {type(msg).__name__} after start")
+
+
+class PendingReply:
+    """A call's reply as the event loop's thread gets it: in place if it comes quickly, else awaited.
+
+    While no other task is ready and no timer is due, the loop would only sleep
+    in its selector until the reader thread hands the reply over: a self-pipe
+    write, a wake-up and two loop iterations, more than a quick call costs in
+    the supervisor.  Sleeping on the reply itself instead, for at most
+    `IN_PLACE_SECONDS`, takes one thread wake-up; a slower reply is awaited as
+    usual, and whatever else became ready meanwhile waited no longer than that.
+    """
+
+    __slots__ = ("_loop", "_state", "_arrived", "_reply", "_fut")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._state = threading.Lock()
+        self._arrived = threading.Lock()
+        self._arrived.acquire()
+        self._reply: Reply | None = None
+        self._fut: asyncio.Future[Reply] | None = None
+
+    def deliver(self, reply: Reply) -> None:
+        """On the reader thread."""
+        with self._state:
+            fut = self._fut
+            if fut is None:  # the loop's thread is waiting in place, or has not started to wait
+                self._reply = reply
+                self._arrived.release()
+                return
+        self._loop.call_soon_threadsafe(_resolve, fut, reply)
+
+    async def wait(self) -> Reply:
+        window = _idle_window(self._loop)
+        if window > 0:
+            self._arrived.acquire(timeout=window)
+        with self._state:
+            reply = self._reply
+            if reply is None:
+                self._fut = fut = self._loop.create_future()
+        if reply is not None:
+            return reply
+        return await fut
+
+
+IN_PLACE_SECONDS = 0.002
+
+
+def _idle_window(loop: asyncio.AbstractEventLoop) -> float:
+    """How long the loop has nothing to do but wait: 0 if a callback is ready (or if unknown)."""
+    ready = getattr(loop, "_ready", None)
+    timers = getattr(loop, "_scheduled", None)
+    if ready is None or timers is None or ready:
+        return 0.0
+    if timers:
+        return min(IN_PLACE_SECONDS, timers[0].when() - loop.time())
+    return IN_PLACE_SECONDS
+
+
+def _resolve(fut: asyncio.Future[Reply], reply: Reply) -> None:
+    if not fut.done():  # the awaiting task may have been cancelled
+        fut.set_result(reply)
 
 
 def adopt_protocol_fds(spec: str) -> tuple[int, int]:

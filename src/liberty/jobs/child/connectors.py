@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from ..protocol import Call, Rows, StreamClose, StreamMore, StreamOpen
-from ..protocol.values import decode_exception, decode_value, encode_value, unpack_rows
+from ..protocol.values import decode_exception, decode_value, encode_value, unpack_blob, unpack_rows
 from .channel import Channel
 
-STREAM_CREDIT = 2
+STREAM_CREDIT = 4
+_END: Any = object()
 
 
 class _Proxy:
@@ -33,7 +34,7 @@ class _Proxy:
     async def _call(self, method: str, args: tuple[Any, ...] | list[Any], kwargs: dict[str, Any]) -> Any:
         channel = self._channel
         call_id = channel.new_id()
-        fut = channel.expect_reply_async(call_id)
+        pending = channel.expect_reply_async(call_id)
         channel.send(
             Call(
                 id=call_id,
@@ -44,7 +45,7 @@ class _Proxy:
                 tx=self._tx,
             )
         )
-        reply = await fut
+        reply = await pending.wait()
         if not reply.ok:
             raise decode_exception(reply.error or {})
         return decode_value(reply.value)
@@ -108,8 +109,8 @@ class RowStream:
         self._open = (sql, params, batch_size, tx)
         self._id: int | None = None
         self._queue: asyncio.Queue[Rows] | None = None
-        self._rows: list[Any] = []
-        self._pos = 0
+        self._batch: Iterator[Any] = iter(())  # dicts, each built as it is reached
+        self._consumed = 0  # batches read since credit was last granted
         self._finished = False
 
     def __aiter__(self) -> AsyncIterator[Any]:
@@ -121,10 +122,8 @@ class RowStream:
     async def _iterate(self) -> AsyncIterator[Any]:
         try:
             while True:
-                if self._pos < len(self._rows):
-                    rows, self._rows, self._pos = self._rows[self._pos :], [], 0
-                    for row in rows:
-                        yield row
+                for row in self._batch:
+                    yield row
                 if self._finished:
                     return
                 await self._next_batch()
@@ -132,12 +131,10 @@ class RowStream:
             self._finish(notify=True)
 
     async def __anext__(self) -> Any:
-        while self._pos >= len(self._rows):
+        while (row := next(self._batch, _END)) is _END:
             if self._finished:
                 raise StopAsyncIteration
             await self._next_batch()
-        row = self._rows[self._pos]
-        self._pos += 1
         return row
 
     async def _next_batch(self) -> None:
@@ -161,13 +158,19 @@ class RowStream:
                 )
             )
         else:
-            channel.send(StreamMore(id=self._id, credit=1))  # type: ignore[arg-type]
+            # Credit goes back half a window at a time: half the messages, still a batch or two ahead.
+            self._consumed += 1
+            if self._consumed >= STREAM_CREDIT // 2:
+                channel.send(StreamMore(id=self._id, credit=self._consumed))  # type: ignore[arg-type]
+                self._consumed = 0
         batch = await self._queue.get()
         if batch.error is not None:
             self._finish(notify=False)
             raise decode_exception(batch.error)
-        self._rows = unpack_rows(batch.columns, batch.rows, tagged=batch.tagged)
-        self._pos = 0
+        if batch.blob:
+            self._batch = unpack_blob(batch.columns, batch.blob)
+        else:
+            self._batch = iter(unpack_rows(batch.columns, batch.rows, tagged=batch.tagged))
         if batch.done:
             self._finish(notify=False)
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..protocol import Call, Log, Start
+from ..protocol import Call, Start
+from ..protocol.codec import encode_log
 from ..types import StepRecord
 from .channel import Channel
 
@@ -20,10 +21,10 @@ class ChildLog:
         self._debug = log_level == "DEBUG"
 
     def _emit(self, level: str, msg: object) -> None:
-        text = str(msg)
+        text = msg if type(msg) is str else str(msg)
         if len(text) > MAX_LOG_MESSAGE:
             text = f"{text[:MAX_LOG_MESSAGE]}… [truncated {len(text) - MAX_LOG_MESSAGE} characters]"
-        self._channel.send(Log(level=level, message=text))  # type: ignore[arg-type]
+        self._channel.send(encode_log(level, text))  # the line, straight: no message object per call
 
     def debug(self, msg: object) -> None:
         if self._debug:

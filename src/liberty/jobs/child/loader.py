@@ -44,8 +44,24 @@ def install_plugins_path(plugins_dir: str) -> None:
         del sys.path_importer_cache[cached]
 
 
+def rehearse_import(plugins_dir: str) -> None:
+    """Look up a module that cannot exist and compile a small one, so the plugins directory's
+    finder and the compiler are warm before the step is known; `resolve_function` lists the
+    directory again."""
+    machinery.PathFinder.find_spec("_nomaflow_no_such_module_", [plugins_dir])
+    compile("async def step(ctx, **_):\n    return None\n", "<rehearsal>", "exec", dont_inherit=True)
+
+
+def _forget_listings(plugins_dir: str) -> None:
+    """A plugins finder caches its directory listing: list it again, new files included."""
+    for path, finder in list(sys.path_importer_cache.items()):
+        if path and path.startswith(plugins_dir) and finder is not None:
+            finder.invalidate_caches()
+
+
 def resolve_function(ref: str, plugins_dir: str) -> Callable[..., Any]:
     """`module.path:function` -> the function; any failure is an ImportError."""
+    _forget_listings(plugins_dir)
     module_name, sep, func_name = ref.partition(":")
     if not sep or not module_name or not func_name:
         raise ImportError(f"step reference {ref!r} is not of the form 'module.path:function'")

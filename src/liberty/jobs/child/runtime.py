@@ -12,10 +12,10 @@ import sys
 import traceback
 from typing import Any
 
-from ..protocol import PROTOCOL_FDS_ENV, PROTOCOL_VERSION, Done, Failed, Ready, Sealed, Start
+from ..protocol import PROTOCOL_FDS_ENV, PROTOCOL_VERSION, Done, Failed, Prepare, Prepared, Ready, Start, decode_parent_message, encode
 from .channel import Channel, adopt_protocol_fds
 from .context import ChildContext
-from .loader import install_plugins_path, resolve_function
+from .loader import install_plugins_path, rehearse_import, resolve_function
 
 
 def main() -> None:
@@ -31,38 +31,67 @@ def main() -> None:
 
 
 def serve(fd_in: int, fd_out: int) -> None:
-    """Handshake, run one attempt, exit; shared by spawned and zygote-forked children."""
+    """Handshake, prepare, wait for the step, run it, exit; shared by spawned and forked children.
+
+    Everything that does not depend on the step (the sandbox, the plugins path,
+    the event loop, the reader thread) happens on `prepare`, so a supervisor can
+    prepare an attempt ahead of the request that will use it.
+    """
     channel = Channel(fd_in, fd_out)
     channel.send(Ready(version=PROTOCOL_VERSION, pid=os.getpid()))
-    start = channel.receive()
-    if not isinstance(start, Start) or start.version != PROTOCOL_VERSION:
-        print(f"nomaflow child: expected start (protocol {PROTOCOL_VERSION}), got {start!r:.200}", file=sys.stderr)
+    prepare = channel.receive()
+    if not isinstance(prepare, Prepare):
+        print(f"nomaflow child: expected prepare (protocol {PROTOCOL_VERSION}), got {prepare!r:.200}", file=sys.stderr)
         os._exit(2)
-    if start.sandbox is not None:
+    report = None
+    if prepare.sandbox is not None:
         # Still single-threaded here: Landlock, no_new_privs and the netns apply per thread.
         from ..sandbox import SandboxSpec, apply
 
-        channel.send(Sealed(report=apply(SandboxSpec.from_dict(start.sandbox)).to_dict()))
+        report = apply(SandboxSpec.from_dict(prepare.sandbox)).to_dict()
     # SIGUSR1 from the supervisor before a hard kill: every thread's stack to stderr, even
     # while Python code holds the GIL in a tight loop, so the log shows where it stopped.
     faulthandler.register(signal.SIGUSR1, file=sys.__stderr__, all_threads=True)
-    channel.start_reader()
-    run_attempt(channel, start)
-    _flush_and_exit(0)
-
-
-def run_attempt(channel: Channel, start: Start) -> None:
-    install_plugins_path(start.plugins)
-    try:
-        func = resolve_function(start.function, start.plugins)
-    except BaseException as exc:  # the plugin's import-time errors belong to the step
-        channel.send(_failure("exception", exc))
-        return
-    ctx = ChildContext(channel, start)
+    install_plugins_path(prepare.plugins)
     # A bare loop rather than asyncio.run(): the process exits right after the result is
     # sent, so the loop's orderly shutdown (executor join, async generators) is not waited for.
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
+    channel.start_reader()
+    _rehearse(loop, prepare.plugins)
+    channel.send(Prepared(report=report))
+    start = channel.wait_start()
+    if start.version != PROTOCOL_VERSION:
+        print(f"nomaflow child: expected start (protocol {PROTOCOL_VERSION}), got {start.version}", file=sys.stderr)
+        os._exit(2)
+    run_attempt(channel, start, prepare.plugins, loop)
+    _flush_and_exit(0)
+
+
+def _rehearse(loop: asyncio.AbstractEventLoop, plugins: str) -> None:
+    """Walk, on nothing, the paths a step start takes (import, a task on the loop, checking and
+    encoding a result), so that the pages they touch are copied from the zygote now, while
+    the attempt waits, instead of after `start`."""
+    rehearse_import(plugins)
+    decode_parent_message(encode(_REHEARSAL_START))
+    loop.run_until_complete(asyncio.ensure_future(asyncio.sleep(0)))
+    check_output({"rehearsal": 0.0}, 1024)
+    encode(Done(output={"rehearsal": 0.0}))
+
+
+_REHEARSAL_START = Start(
+    version=PROTOCOL_VERSION, run_id="rehearsal", job_id="rehearsal", step="rehearsal", attempt=1,
+    function="rehearsal:step", params={"rehearsal": 1}, previous_steps={"rehearsal": {"output": None}},
+)
+
+
+def run_attempt(channel: Channel, start: Start, plugins: str, loop: asyncio.AbstractEventLoop) -> None:
+    try:
+        func = resolve_function(start.function, plugins)
+    except BaseException as exc:  # the plugin's import-time errors belong to the step
+        channel.send(_failure("exception", exc))
+        return
+    ctx = ChildContext(channel, start)
     try:
         result = loop.run_until_complete(_run(channel, func, ctx, start))
     except (SystemExit, KeyboardInterrupt) as exc:  # asyncio re-raises these past the task

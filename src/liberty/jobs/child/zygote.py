@@ -5,13 +5,16 @@ connector, no credential, no supervisor state.  It runs no threads, so a fork
 is safe.  Each request arrives on a SOCK_SEQPACKET control socket with four
 file descriptors (protocol in/out, stdout, stderr) passed by SCM_RIGHTS; the
 zygote double-forks so the attempt re-parents to the supervisor (a child
-subreaper) which then waits for it like any child of its own.
+subreaper) which then waits for it like any child of its own.  Forking ahead
+of the request is the supervisor's business (`supervisor/warm.py`): it
+prepares whole attempts, sandbox included, not just processes.
 """
 
 from __future__ import annotations
 
 import array
 import asyncio  # noqa: F401  (preloaded: the point of the zygote)
+import gc
 import json
 import os
 import random
@@ -26,91 +29,43 @@ from . import runtime
 from .. import sandbox as _sandbox  # noqa: F401
 
 ZYGOTE_FD_ENV = "NOMAFLOW_ZYGOTE_FD"
-SPARES_FD_ENV = "NOMAFLOW_ZYGOTE_SPARES_FD"
 _MAX_REQUEST = 1024 * 1024
 _NFDS = 4
 
 
 def main() -> None:
     fd = int(os.environ.pop(ZYGOTE_FD_ENV))
-    spares_fd = int(os.environ.pop(SPARES_FD_ENV))
     sock = socket.socket(fileno=fd)
-    sock.send(json.dumps({"ready": True, "pid": os.getpid()}).encode())
-    spare: _Spare | None = None
+    _set_name("nomaflow-zygote")
+    # Everything imported so far lives as long as the zygote: out of the collector's
+    # reach, so a collection in an attempt does not touch (and copy) these pages.
+    gc.freeze()
+    try:
+        sock.send(json.dumps({"ready": True, "pid": os.getpid()}).encode())
+    except OSError:
+        os._exit(0)  # the supervisor gave up on this start (cancelled or gone)
     while True:
-        if spare is None:
-            spare = _make_spare(sock, spares_fd)  # off the critical path: while no request waits
         try:
             data, ancdata, _flags, _addr = sock.recvmsg(_MAX_REQUEST, socket.CMSG_SPACE(_NFDS * 4))
         except (ConnectionResetError, OSError):
             os._exit(0)
         fds = _received_fds(ancdata)
         if not data:
-            os._exit(0)  # the supervisor is gone; the spare sees EOF and exits too
+            os._exit(0)  # the supervisor is gone
         try:
             request = json.loads(data)
             if len(fds) != _NFDS:
                 raise ValueError(f"expected {_NFDS} descriptors, got {len(fds)}")
-            pid, spare = _hand_to_spare(spare, data, fds), None
-            if pid is None:
-                pid = _fork_attempt(sock, request, fds)
-            reply = {"id": request.get("id"), "pid": pid}
+            reply = {"id": request.get("id"), "pid": _fork_attempt(sock, request, fds)}
         except (ValueError, OSError) as exc:
             reply = {"id": None, "error": f"{type(exc).__name__}: {exc}"}
         finally:
             for f in fds:
                 os.close(f)
-        sock.send(json.dumps(reply).encode())
-
-
-class _Spare:
-    """An attempt process forked ahead of its request, waiting for it on its own socket."""
-
-    def __init__(self, pid: int, channel: socket.socket) -> None:
-        self.pid = pid
-        self.channel = channel
-
-
-def _make_spare(sock: socket.socket, spares_fd: int) -> _Spare | None:
-    """Fork the next attempt ahead of time; its pid goes to the supervisor, which reaps it if unused."""
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    try:
-        pid = _double_fork(lambda: _wait_as_spare(sock, ours, theirs, spares_fd))
-    except OSError:
-        ours.close()
-        theirs.close()
-        return None
-    theirs.close()
-    os.write(spares_fd, struct.pack("i", pid))
-    return _Spare(pid, ours)
-
-
-def _wait_as_spare(control: socket.socket, ours: socket.socket, theirs: socket.socket, spares_fd: int) -> None:
-    control.close()
-    ours.close()
-    os.close(spares_fd)
-    try:
-        data, ancdata, _flags, _addr = theirs.recvmsg(_MAX_REQUEST, socket.CMSG_SPACE(_NFDS * 4))
-    except OSError:
-        os._exit(0)
-    fds = _received_fds(ancdata)
-    if not data or len(fds) != _NFDS:
-        os._exit(0)  # the zygote is gone, or sent nothing usable
-    theirs.close()
-    _become_attempt(None, json.loads(data), fds)
-
-
-def _hand_to_spare(spare: _Spare | None, data: bytes, fds: list[int]) -> int | None:
-    """Give the request to the waiting spare; None if there is none or it is gone."""
-    if spare is None:
-        return None
-    try:
-        spare.channel.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
-    except OSError:
-        return None
-    finally:
-        spare.channel.close()
-    return spare.pid
+        try:
+            sock.send(json.dumps(reply).encode())
+        except OSError:
+            os._exit(0)  # the supervisor is gone
 
 
 def _received_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
@@ -121,6 +76,15 @@ def _received_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
             arr.frombytes(payload[: len(payload) - len(payload) % arr.itemsize])
             fds.extend(arr)
     return fds
+
+
+def _set_name(name: str) -> None:
+    """What `ps -o comm` and `top` show for this process (15 bytes at most)."""
+    try:
+        with open("/proc/self/comm", "w") as f:
+            f.write(name)
+    except OSError:
+        pass  # cosmetic: a process keeps its inherited name
 
 
 def _fork_attempt(sock: socket.socket, request: dict, fds: list[int]) -> int:
@@ -134,6 +98,7 @@ def _double_fork(become: Callable[[], None]) -> int:
     if middle == 0:
         try:
             os.close(report_r)
+            _set_name("nomaflow-fork")
             pid = os.fork()
             if pid == 0:
                 os.close(report_w)
@@ -152,12 +117,12 @@ def _double_fork(become: Callable[[], None]) -> int:
     return struct.unpack("i", data)[0]
 
 
-def _become_attempt(sock: socket.socket | None, request: dict, fds: list[int]) -> None:
+def _become_attempt(sock: socket.socket, request: dict, fds: list[int]) -> None:
     """In the forked attempt: own session, own stdio, own environment, then serve."""
     try:
         os.setsid()
-        if sock is not None:
-            sock.close()
+        _set_name("nomaflow-step")
+        sock.close()
         proto_in, proto_out, out_w, err_w = fds
         os.dup2(out_w, 1)
         os.dup2(err_w, 2)

@@ -11,16 +11,31 @@ from __future__ import annotations
 import functools
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import trio
 
 from ._threads import run_interruptible
 
 T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
+NOT_NOW: Any = type("NotNow", (), {"__repr__": lambda self: "NOT_NOW"})()
+"""What `run_now` returns when the op must wait for a thread (nothing was done)."""
 Row = dict[str, Any]
 Batch = tuple[list[str], list[tuple[Any, ...]]]
 """A stream batch: column names and the rows as the driver's tuples."""
+
+
+class BatchSink(Protocol[T_co]):
+    """Takes one stream batch on the worker thread, chunk by chunk as fetched, and makes it ready to send."""
+
+    def add(self, rows: list[tuple[Any, ...]]) -> None: ...
+
+    def finish(self, columns: list[str]) -> T_co: ...
+
+
+NewSink = Callable[["frozenset[type] | None"], BatchSink[T]]
+"""A sink for the next batch, given the backend's `value_types`."""
 
 
 class Lease:
@@ -33,6 +48,10 @@ class Lease:
 
 class SqlBackend(ABC):
     kind = "sql"
+    value_types: frozenset[type] | None = None
+    """Every type a fetched value can have, when the driver guarantees a short list (None: any)."""
+    fetch_chunk = 0
+    """Rows per driver fetch within a stream batch, when fetching costs no round trip (0: the whole batch)."""
 
     def __init__(self, name: str, *, pool_max: int) -> None:
         self.name = name
@@ -59,13 +78,20 @@ class SqlBackend(ABC):
             finally:
                 self._slots.release()
 
-    async def run(self, lease: Lease, op: Callable[..., T], *args: Any) -> T:
+    async def run(
+        self, lease: Lease, op: Callable[..., T], *args: Any, on_interrupt: Callable[[], object] | None = None
+    ) -> T:
+        """`op(conn, *args)` on a worker thread; `on_interrupt` also runs if it is cancelled (an op
+        of several statements may be between two, where the driver's interrupt would miss it)."""
+        interrupt = functools.partial(self._interrupt, lease.conn)
+        if on_interrupt is not None:
+            interrupt = _both(on_interrupt, interrupt)
         async with lease.lock:
-            return await run_interruptible(
-                functools.partial(op, lease.conn, *args),
-                functools.partial(self._interrupt, lease.conn),
-                limiter=self._limiter,
-            )
+            return await run_interruptible(functools.partial(op, lease.conn, *args), interrupt, limiter=self._limiter)
+
+    def run_now(self, op: Callable[..., T], *args: Any) -> Any:
+        """`op` on the event loop when it is sure to be quick; otherwise NOT_NOW, with nothing done."""
+        return NOT_NOW
 
     async def run_once(self, op: Callable[..., T], *args: Any) -> T:
         """Check out, run `op`, give back, in a single thread hop: the common, non-transaction case."""
@@ -141,6 +167,14 @@ class SqlBackend(ABC):
 
     @abstractmethod
     def op_close_cursor(self, conn: Any, cursor: Any, in_tx: bool) -> None: ...
+
+
+def _both(first: Callable[[], object], then: Callable[[], object]) -> Callable[[], None]:
+    def both() -> None:
+        first()
+        then()
+
+    return both
 
 
 def single_mapping(params: list[Any]) -> dict[str, Any] | None:

@@ -57,6 +57,10 @@ class ConnectorRegistry:
         """Every secret value the connectors hold, e.g. to check nothing leaks to a child."""
         return frozenset().union(*(c.secrets for c in self.configs.values()))
 
+    def opened(self, name: str) -> Backend | None:
+        """The connector's pool or client if it is already open (no waiting)."""
+        return None if self._closed else self._backends.get(name)
+
     async def backend(self, name: str) -> Backend:
         """The connector's pool or client, opened on first use."""
         if self._closed:

@@ -17,13 +17,13 @@ import contextlib
 import itertools
 import re
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
 import trio
 
 from ..errors import ProtocolError
-from ._sql import Batch, Lease, SqlBackend
+from ._sql import NOT_NOW, Batch, Lease, NewSink, SqlBackend
 from .config import ConnectorConfig
 from .http_client import HTTP_VERBS, HttpBackend
 
@@ -34,10 +34,12 @@ if TYPE_CHECKING:
 
 SQL_METHODS = ("execute", "executemany", "scalar", "fetch", "fetchrow", "begin", "commit", "rollback")
 HTTP_METHODS = (*HTTP_VERBS, "request")
+_NOW_METHODS = frozenset({"execute", "scalar", "fetch", "fetchrow"})
 MAX_BATCH_SIZE = 100_000
 _CLEANUP_SECONDS = 10.0
 _LOG_SQL_CHARS = 2000
 _cursor_names = itertools.count(1)
+T = TypeVar("T")
 
 
 @attrs.define(eq=False)
@@ -61,6 +63,8 @@ class _Stream:
 
 class ConnectorSession:
     """Async context manager; on exit closes streams and rolls back open transactions."""
+
+    NOT_NOW = NOT_NOW
 
     def __init__(
         self,
@@ -97,15 +101,42 @@ class ConnectorSession:
         return {"name": name, "type": cfg.type, "kind": cfg.kind, "methods": list(methods)}
 
     async def call(
-        self, name: str, method: str, args: list[Any], kwargs: dict[str, Any], tx: int | None = None
+        self, name: str, method: str, args: list[Any], kwargs: dict[str, Any], tx: int | None = None, *, now: bool = True
     ) -> Any:
-        """Run one connector method; bounded by the connector's `call_timeout_seconds`."""
+        """Run one connector method; bounded by the connector's `call_timeout_seconds`.
+
+        `now=False` skips the `call_now` attempt, for a caller that just made it.
+        """
+        if now and (result := self.call_now(name, method, args, kwargs, tx)) is not NOT_NOW:
+            return result
         cfg = self._check(name)
         if method == "describe":
             return self.describe(name)
         if cfg.kind == "http":
             return await self._http_call(cfg, method, args, kwargs, tx)
         return await self._sql_call(cfg, method, args, kwargs, tx)
+
+    def call_now(
+        self, name: str, method: str, args: list[Any], kwargs: dict[str, Any], tx: int | None = None
+    ) -> Any:
+        """`call`, if the backend can answer without waiting (an in-memory SQLite statement
+        outside a transaction); otherwise `NOT_NOW`, and nothing was done.
+
+        Synchronous, so the supervisor answers such a call without a task or a
+        cancel scope: most of the cost of a quick call.  Errors are `call`'s.
+        """
+        if tx is not None or kwargs or not args or method not in _NOW_METHODS:
+            return NOT_NOW
+        cfg = self._check(name)
+        backend = self._registry.opened(name)
+        if cfg.kind != "sql" or not isinstance(backend, SqlBackend):
+            return NOT_NOW
+        sql = args[0]
+        _check_sql(name, method, sql)
+        result = backend.run_now(getattr(backend, f"op_{method}"), sql, args[1:], False)
+        if result is not NOT_NOW:
+            self._log(name, method, sql)
+        return result
 
     async def stream_open(
         self, name: str, sql: str, params: list[Any], batch_size: int, tx: int | None = None
@@ -146,22 +177,79 @@ class ConnectorSession:
 
     async def stream_next_rows(self, stream_id: int) -> Batch | None:
         """The next batch as (column names, row tuples), or None once the stream is exhausted."""
+        batches: list[Batch] = []
+        one = iter((True,))
+        await self.stream_pump(stream_id, _CollectRows, lambda: next(one, False), batches.append)
+        return batches[0] if batches else None
+
+    async def stream_pump(
+        self, stream_id: int, new_sink: NewSink[T], take: Callable[[], bool], send: Callable[[T], object]
+    ) -> bool:
+        """Fetch batches into sinks while `take()` grants them, all in one worker-thread hop.
+
+        `take` is called on the worker thread before each batch (it must be
+        thread-safe; False ends the hop).  Each batch goes into a fresh sink,
+        in chunks as the driver returns them, and `sink.finish(columns)` runs
+        there too, so the encoding happens on the thread; `send` then gets its
+        result on the event loop, in order, as soon as it is ready.  A stream
+        read faster than it is produced thus costs no thread hop per batch, and
+        the next fetch overlaps the sending of the last.  A hop that produces
+        no batch for `call_timeout_seconds` is interrupted.  Returns True once
+        the stream is exhausted (its cursor is then closed).
+        """
         stream = self._streams.get(stream_id)
         if stream is None:
             self._check_issued(stream_id, "stream")
-            return None
+            return True
         cfg = self._registry.config(stream.connector)
-        try:
-            with self._deadline(cfg, "stream"):
-                columns, rows = await stream.backend.run(
-                    stream.lease, stream.backend.op_fetch_batch, stream.cursor, stream.batch_size
+        timeout = cfg.call_timeout_seconds
+        backend = stream.backend
+        token = trio.lowlevel.current_trio_token()
+        stopped: list[bool] = []
+
+        with trio.move_on_after(timeout) as scope:
+
+            def delivered(item: T) -> None:
+                now = trio.current_time()
+                if now > scope.deadline - timeout / 2:
+                    scope.deadline = now + timeout  # progress: the timeout is per batch, give or take half
+                send(item)
+
+            def pump(conn: Any, cursor: Any, size: int) -> bool:
+                chunk = backend.fetch_chunk or size
+                while not stopped and take():
+                    sink = new_sink(backend.value_types)
+                    got = 0
+                    while got < size and not stopped:
+                        want = min(chunk, size - got)
+                        columns, rows = backend.op_fetch_batch(conn, cursor, want)
+                        n = len(rows)
+                        sink.add(rows)
+                        del rows  # before the next fetch: one chunk of tuples alive at a time
+                        got += n
+                        if n < want:
+                            break
+                    if stopped:
+                        return False
+                    if got:
+                        token.run_sync_soon(delivered, sink.finish(columns))
+                    if got < size:
+                        return True
+                return False
+
+            try:
+                exhausted = await backend.run(
+                    stream.lease, pump, stream.cursor, stream.batch_size, on_interrupt=lambda: stopped.append(True)
                 )
-        except BaseException:
+            except BaseException:
+                await self._finish_stream(stream)
+                raise
+        if scope.cancelled_caught:
             await self._finish_stream(stream)
-            raise
-        if len(rows) < stream.batch_size:
-            await self._finish_stream(stream)  # exhausted: free the cursor now, not on the next request
-        return (columns, rows) if rows else None
+            raise _timed_out(cfg, "stream")
+        if exhausted:
+            await self._finish_stream(stream)  # free the cursor now, not on the next request
+        return exhausted
 
     async def stream_close(self, stream_id: int) -> None:
         """Close early (the child stopped iterating); a finished stream is already closed."""
@@ -357,6 +445,19 @@ class ConnectorSession:
         self._on_call(line)
 
 
+class _CollectRows:
+    """The sink of `stream_next_rows`: the batch as the driver returned it."""
+
+    def __init__(self, value_types: frozenset[type] | None) -> None:
+        self.rows: list[tuple[Any, ...]] = []
+
+    def add(self, rows: list[tuple[Any, ...]]) -> None:
+        self.rows.extend(rows)
+
+    def finish(self, columns: list[str]) -> Batch:
+        return columns, self.rows
+
+
 def _timed_out(cfg: ConnectorConfig, method: str) -> TimeoutError:
     return TimeoutError(
         f"connector '{cfg.name}': {method} did not finish within {cfg.call_timeout_seconds:g} s "
@@ -381,4 +482,4 @@ def _check_rows(name: str, params: list[Any]) -> list[Any]:
     return rows
 
 
-__all__ = ["HTTP_METHODS", "SQL_METHODS", "ConnectorSession"]
+__all__ = ["HTTP_METHODS", "NOT_NOW", "SQL_METHODS", "ConnectorSession"]

@@ -7,11 +7,12 @@ every step for the registry's lifetime: a stream or transaction holds it, and
 other calls wait for it (bounded by the call timeout).
 
 `:memory:` has no I/O and no locks to wait for, so a single statement outside
-a transaction first runs inline on the event loop under a small CPU budget
-(a progress handler); past the budget SQLite aborts it, which undoes it
-entirely in autocommit mode, and it is re-run on a worker thread.  This saves
-the thread hop that would otherwise dominate a `scalar("SELECT 1")`.  A
-connection that ever ATTACHes a file database loses the fast path.
+a transaction first runs inline on the event loop (`run_now`, from the
+session's `call_now`) under a small CPU budget (a progress handler); past the
+budget SQLite aborts it, which undoes it entirely in autocommit mode, and it is
+re-run on a worker thread.  This saves the thread hop that would otherwise
+dominate a `scalar("SELECT 1")`.  A connection that ever ATTACHes a file
+database loses the fast path.
 """
 
 from __future__ import annotations
@@ -25,15 +26,19 @@ from typing import Any, TypeVar
 
 import trio
 
-from ._sql import Batch, Row, SqlBackend, single_mapping
+from ._sql import NOT_NOW, Batch, Row, SqlBackend, single_mapping
 from .config import SqliteConfig
 
 T = TypeVar("T")
 INLINE_BUDGET_SECONDS = 0.002
-_MISS: Any = object()
 
 
 class SqliteBackend(SqlBackend):
+    # SQLite's storage classes, as the stdlib driver returns them without `detect_types`.
+    value_types = frozenset({type(None), int, float, str, bytes})
+    # Small enough that a chunk's tuples never set off the garbage collector (700 new objects).
+    fetch_chunk = 256
+
     def __init__(self, config: SqliteConfig) -> None:
         self.config = config
         self._memory = config.path == ":memory:"
@@ -45,23 +50,21 @@ class SqliteBackend(SqlBackend):
         self._inline = False
         self._inline_ops = {self.op_execute, self.op_scalar, self.op_fetch, self.op_fetchrow}
 
-    async def run_once(self, op: Callable[..., T], *args: Any) -> T:
+    def run_now(self, op: Callable[..., T], *args: Any) -> Any:
         if self._memory and not self._attached and op in self._inline_ops:
-            result = self._run_inline(op, args)
-            if result is not _MISS:
-                return result
-        return await super().run_once(op, *args)
+            return self._run_inline(op, args)
+        return NOT_NOW
 
     def _run_inline(self, op: Callable[..., T], args: tuple[Any, ...]) -> Any:
         try:
             self._slots.acquire_nowait()
         except trio.WouldBlock:
-            return _MISS  # a transaction or stream holds the connection
+            return NOT_NOW  # a transaction or stream holds the connection
         try:
             conn = self._get()
             try:
                 if conn.in_transaction:
-                    return _MISS
+                    return NOT_NOW
                 deadline = time.perf_counter() + INLINE_BUDGET_SECONDS
                 over: list[bool] = []
 
@@ -77,7 +80,7 @@ class SqliteBackend(SqlBackend):
                     return op(conn, *args)
                 except sqlite3.DatabaseError:
                     if over or self._attached:
-                        return _MISS
+                        return NOT_NOW
                     raise
                 finally:
                     self._inline = False

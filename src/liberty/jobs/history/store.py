@@ -16,6 +16,8 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from itertools import chain
+from operator import attrgetter
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -118,29 +120,37 @@ class HistoryStore:
         steps: list[str],
         supervisor_pid: int,
         created_at: float | None = None,
+        started: bool = False,
     ) -> None:
+        """Record a new run, QUEUED; `started`: RUNNING with its first step at once (one write, not three)."""
         if len(set(steps)) != len(steps):
             raise UsageError(f"run {run_id!r}: step names must be unique, got {steps!r}")
+        now = _now(created_at)
+        running = Status.RUNNING.value
         with self._write() as conn:
             try:
                 conn.execute(
                     "INSERT INTO runs (run_id, job, status, session_user, params, created_at,"
-                    " supervisor_pid) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    " supervisor_pid, started_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         run_id,
                         job,
-                        Status.QUEUED.value,
+                        running if started else Status.QUEUED.value,
                         session_user,
                         json.dumps(params),
-                        _now(created_at),
+                        now,
                         supervisor_pid,
+                        now if started else None,
                     ),
                 )
             except sqlite3.IntegrityError as exc:
                 raise UsageError(f"run {run_id!r} already exists in the history") from exc
             conn.executemany(
-                "INSERT INTO steps (run_id, name, idx, status) VALUES (?, ?, ?, ?)",
-                [(run_id, name, index, Status.QUEUED.value) for index, name in enumerate(steps)],
+                "INSERT INTO steps (run_id, name, idx, status, started_at) VALUES (?, ?, ?, ?, ?)",
+                [
+                    (run_id, name, index, *((running, now) if started and index == 0 else (Status.QUEUED.value, None)))
+                    for index, name in enumerate(steps)
+                ],
             )
 
     def start_run(self, run_id: str, *, started_at: float | None = None) -> None:
@@ -277,22 +287,27 @@ class HistoryStore:
 
     def append_logs(self, lines: list[LogLine]) -> None:
         """Store a batch in one transaction; ids follow list order and are assigned here."""
-        if not lines:
+        self.append_log_rows(list(map(log_row, lines)))
+
+    def append_log_rows(self, rows: list[LogRow]) -> None:
+        """`append_logs` for rows in LogLine's field order (`log_row`): the supervisor's path, no object per line."""
+        if not rows:
             return
-        unknown = {line.stream for line in lines} - LOG_STREAMS
+        if any(len(row) != _LOG_WIDTH for row in rows):
+            raise ValueError(f"a log row has {_LOG_WIDTH} fields ({', '.join(_LOG_COLUMNS)})")
+        unknown = {row[3] for row in rows} - LOG_STREAMS
         if unknown:
             raise ValueError(
                 f"unknown log stream(s) {sorted(unknown)!r}; expected one of {sorted(LOG_STREAMS)!r}"
             )
+        whole = len(rows) - len(rows) % _LOG_CHUNK
+        values = list(chain.from_iterable(rows[:whole]))
+        step = _LOG_CHUNK * _LOG_WIDTH
         with self._write() as conn:
-            conn.executemany(
-                "INSERT INTO logs (run_id, ts, level, stream, message, step, attempt)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [
-                    (ln.run_id, ln.ts, ln.level, ln.stream, ln.message, ln.step, ln.attempt)
-                    for ln in lines
-                ],
-            )
+            # Many rows per statement: executemany steps, and gives up the GIL, once per row.
+            for start in range(0, len(values), step):
+                conn.execute(_INSERT_LOG_CHUNK, values[start : start + step])
+            conn.executemany(_INSERT_LOG_ROW, rows[whole:])
 
     def logs(
         self, run_id: str, *, after_id: int = 0, limit: int = 10000, step: str | None = None
@@ -448,6 +463,19 @@ class HistoryStore:
                     "INSERT INTO logs (run_id, ts, level, stream, message) VALUES (?, ?, ?, ?, ?)",
                     (run_id, now, "ERROR", "system", f"run marked FAILED (lost): {message}"),
                 )
+
+
+LogRow = tuple[str, float, str, str, str, str | None, int | None]
+"""A log line as stored: (run_id, ts, level, stream, message, step, attempt)."""
+
+_LOG_COLUMNS = ("run_id", "ts", "level", "stream", "message", "step", "attempt")
+_LOG_WIDTH = len(_LOG_COLUMNS)
+_LOG_CHUNK = 128  # rows per multi-row INSERT: 896 parameters, under even old SQLite builds' cap of 999
+log_row: Callable[[LogLine], LogRow] = attrgetter(*_LOG_COLUMNS)
+_INSERT_LOG = f"INSERT INTO logs ({', '.join(_LOG_COLUMNS)}) VALUES "
+_LOG_PLACEHOLDERS = "(" + ", ".join("?" * _LOG_WIDTH) + ")"
+_INSERT_LOG_ROW = _INSERT_LOG + _LOG_PLACEHOLDERS
+_INSERT_LOG_CHUNK = _INSERT_LOG + ", ".join([_LOG_PLACEHOLDERS] * _LOG_CHUNK)
 
 
 def _now(ts: float | None) -> float:

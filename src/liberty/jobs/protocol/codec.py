@@ -9,7 +9,9 @@ is not a valid message raises `ProtocolError` and nothing else.
 from __future__ import annotations
 
 import json
-from typing import Any
+import json.scanner
+import re
+from typing import Any, get_args
 
 import attrs
 import cattrs
@@ -17,9 +19,17 @@ from cattrs.strategies import configure_tagged_union
 
 from .._strict import describe_error, make_strict_converter
 from ..errors import ProtocolError
-from .messages import TAGS, ChildMessage, ParentMessage
+from .messages import TAGS, ChildMessage, Log, LogLevel, ParentMessage, Reply, Rows
 
 DEFAULT_MAX_LINE = 1024 * 1024
+_LOG_LEVELS = frozenset(get_args(LogLevel))
+_LOG_PREFIX = b'{"level":"'  # how `encode` starts a Log line
+# A Log line whose message needs no JSON escape: a JSON string without a quote, a backslash
+# or a control character is exactly its text, so the match is the decoded value.
+_PLAIN_LOG = re.compile(
+    r'\{"level":"(' + "|".join(get_args(LogLevel)) + r')","message":"([^"\\\x00-\x1f]*)","t":"log"\}'
+)
+_json_string = json.encoder.encode_basestring  # what json.dumps(ensure_ascii=False) writes for a str
 
 
 def _make_converter() -> cattrs.Converter:
@@ -38,11 +48,20 @@ def _reject_constant(name: str) -> Any:
 
 
 _DECODER = json.JSONDecoder(parse_constant=_reject_constant)  # one, not one per line
+_SCAN = json.scanner.make_scanner(_DECODER)  # its C scanner, without the wrapper's whitespace handling
 
 
 def _loads(line: bytes) -> Any:
     try:
-        return _DECODER.decode(line.decode("utf-8"))
+        text = line.decode("utf-8")
+        try:
+            # The C scanner alone: a line the encoder wrote parses in one call.
+            obj, end = _SCAN(text, 0)
+            if end == len(text):
+                return obj
+        except StopIteration:
+            pass
+        return _DECODER.decode(text)  # whitespace around the value, or the precise error
     except ProtocolError:
         raise
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
@@ -50,7 +69,10 @@ def _loads(line: bytes) -> Any:
 
 
 def _structure(line: bytes, union: Any, direction: str) -> Any:
-    obj = _loads(line)
+    return _structure_obj(_loads(line), direction)
+
+
+def _structure_obj(obj: Any, direction: str) -> Any:
     if type(obj) is not dict:
         raise ProtocolError(f"a {direction} message must be a JSON object, got {type(obj).__name__}")
     tag = obj.get("t")
@@ -66,7 +88,46 @@ def _structure(line: bytes, union: Any, direction: str) -> Any:
 
 def decode_child_message(line: bytes) -> ChildMessage:
     """Parse one line a child sent; the parent's only entry point for child bytes."""
-    return _structure(line, ChildMessage, "child")
+    obj = _loads(line)
+    log = _as_log(obj)
+    if log is not None:
+        return Log(level=log[0], message=log[1])  # type: ignore[arg-type]
+    return _structure_obj(obj, "child")
+
+
+def split_log(line: bytes) -> tuple[str, str] | None:
+    """(level, message) of a well-formed `log` line as `encode` writes it; None for any other line.
+
+    The hot path of a chatty step (100,000s of lines): no message object, no
+    converter, and for the usual text without escapes not even the JSON
+    scanner.  None says nothing about validity: such a line goes through
+    `decode_child_message`, which accepts or refuses it with the usual errors.
+    """
+    if not line.startswith(_LOG_PREFIX):
+        return None
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    plain = _PLAIN_LOG.fullmatch(text)
+    if plain is not None:
+        return plain.group(1, 2)  # type: ignore[return-value]
+    try:
+        obj, end = _SCAN(text, 0)
+    except (StopIteration, ValueError, RecursionError, ProtocolError):
+        return None
+    return _as_log(obj) if end == len(text) else None
+
+
+def _as_log(obj: Any) -> tuple[str, str] | None:
+    """Exactly the three keys of a Log, each of its declared type: what the converter would accept."""
+    if type(obj) is not dict or len(obj) != 3 or obj.get("t") != "log":
+        return None
+    level = obj.get("level")
+    message = obj.get("message")
+    if type(level) is str and level in _LOG_LEVELS and type(message) is str:
+        return level, message
+    return None
 
 
 def decode_parent_message(line: bytes) -> ParentMessage:
@@ -75,12 +136,16 @@ def decode_parent_message(line: bytes) -> ParentMessage:
 
 def encode(message: ChildMessage | ParentMessage, *, max_line: int = DEFAULT_MAX_LINE) -> bytes:
     """Serialise a message to one newline-terminated line, refusing oversize lines."""
+    if type(message) is Log:
+        line = _log_line(message.level, message.message, max_line)
+        if line is not None:
+            return line
     try:
         # Fields are already JSON values (plugin data is encoded by `protocol.values`
         # first), so a shallow dict is the wire form; cattrs would walk every row.
         obj = attrs.asdict(message, recurse=False)
         obj["t"] = TAGS[type(message)]
-        data = json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
+        data = "".join(_ENCODE_VALUE(obj, 0)).encode("utf-8")
     except (TypeError, ValueError, RecursionError, KeyError) as exc:
         raise ProtocolError(f"cannot encode {type(message).__name__}: {exc}") from None
     if len(data) + 1 > max_line:
@@ -88,6 +153,68 @@ def encode(message: ChildMessage | ParentMessage, *, max_line: int = DEFAULT_MAX
             f"{type(message).__name__} message is {len(data) + 1} bytes, over the {max_line}-byte line cap"
         )
     return data + b"\n"
+
+
+def encode_log(level: str, message: str, *, max_line: int = DEFAULT_MAX_LINE) -> bytes:
+    """`encode(Log(level=level, message=message))` without building the message (the child's hot path)."""
+    line = _log_line(level, message, max_line)
+    return line if line is not None else encode(Log(level=level, message=message), max_line=max_line)  # type: ignore[arg-type]
+
+
+def _log_line(level: Any, message: Any, max_line: int) -> bytes | None:
+    """The general path's bytes for a well-formed Log, built directly; None for any other (it goes that way)."""
+    if type(level) is not str or level not in _LOG_LEVELS or type(message) is not str:
+        return None
+    try:
+        data = f'{{"level":"{level}","message":{_json_string(message)},"t":"log"}}\n'.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate
+        raise ProtocolError(f"cannot encode Log: {exc}") from None
+    if len(data) > max_line:
+        raise ProtocolError(f"Log message is {len(data)} bytes, over the {max_line}-byte line cap")
+    return data
+
+
+def encode_reply(call_id: int, value: Any, *, max_line: int = DEFAULT_MAX_LINE) -> bytes:
+    """`encode(Reply(id=call_id, ok=True, value=value))`, written directly: every connector call's answer."""
+    if type(call_id) is not int:
+        return encode(Reply(id=call_id, ok=True, value=value), max_line=max_line)
+    try:
+        data = f'{{"id":{call_id},"ok":true,"value":{"".join(_ENCODE_VALUE(value, 0))},"error":null,"t":"reply"}}\n'
+        line = data.encode("utf-8")
+    except (TypeError, ValueError, RecursionError, UnicodeEncodeError) as exc:
+        raise ProtocolError(f"cannot encode Reply: {exc}") from None
+    if len(line) > max_line:
+        raise ProtocolError(f"Reply message is {len(line)} bytes, over the {max_line}-byte line cap")
+    return line
+
+
+def _not_json(value: Any) -> Any:
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+# What `json.dumps(..., ensure_ascii=False, allow_nan=False, separators=(",", ":"))` runs, made once.
+_ENCODE_VALUE = json.encoder.c_make_encoder(  # type: ignore[attr-defined]
+    None, _not_json, json.encoder.encode_basestring, None, ":", ",", False, False, False
+)
+
+
+def encode_rows_blob(message: Rows, blob: bytes, *, max_line: int = DEFAULT_MAX_LINE) -> bytes:
+    """`encode(message)` with `blob` (base64, as `values.pack_blob` makes it) in the `blob` field.
+
+    A stream batch's blob is nearly all of its line; as base64 needs no JSON
+    escaping, it is put in as it is rather than decoded, escaped and encoded
+    again, which cost more than making it.
+    """
+    if message.blob or blob.translate(None, _BASE64):
+        raise ProtocolError("a rows blob goes in as base64 bytes, into a message without one")
+    head = encode(message, max_line=max_line)
+    cut = head.index(b'"blob":""') + len(b'"blob":"')  # once: other fields' quotes are escaped
+    if len(head) + len(blob) > max_line:
+        raise ProtocolError(f"Rows message is {len(head) + len(blob)} bytes, over the {max_line}-byte line cap")
+    return b"".join((head[:cut], blob, head[cut:]))
+
+
+_BASE64 = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/="
 
 
 def _bind(hook: Any, cls: type) -> Any:
@@ -113,21 +240,24 @@ class LineSplitter:
         self._buf = bytearray()
 
     def feed(self, data: bytes) -> list[bytes]:
-        self._buf += data
-        lines: list[bytes] = []
-        start = 0
-        while True:
-            nl = self._buf.find(b"\n", start)
-            if nl < 0:
-                break
-            if nl + 1 - start > self.max_line:
-                raise ProtocolError(f"line of {nl + 1 - start} bytes exceeds the {self.max_line}-byte cap")
-            lines.append(bytes(self._buf[start:nl]))
-            start = nl + 1
-        del self._buf[:start]
+        if b"\n" not in data:
+            self._buf += data
+            self._check_rest()
+            return []
+        if self._buf:
+            data = bytes(self._buf) + data
+            self._buf.clear()
+        lines = data.split(b"\n")  # one C call for a whole pipe read, not a find and a copy per line
+        self._buf += lines.pop()
+        if max(map(len, lines)) >= self.max_line:
+            size = next(len(line) + 1 for line in lines if len(line) >= self.max_line)
+            raise ProtocolError(f"line of {size} bytes exceeds the {self.max_line}-byte cap")
+        self._check_rest()
+        return lines
+
+    def _check_rest(self) -> None:
         if len(self._buf) > self.max_line:
             raise ProtocolError(f"line exceeds the {self.max_line}-byte cap (no newline after {len(self._buf)} bytes)")
-        return lines
 
     def close(self) -> None:
         """At EOF: a partial last line means the peer died mid-message."""

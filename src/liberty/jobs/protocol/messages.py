@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 import attrs
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 # The child finds its protocol pipe ends ("IN,OUT" fd numbers) in this variable.
 PROTOCOL_FDS_ENV = "NOMAFLOW_PROTOCOL_FDS"
 
@@ -38,10 +38,11 @@ class Ready:
 
 
 @_frozen
-class Sealed:
-    """The sandbox the child applied to itself before importing the plugin: {measure: {applied, detail}}."""
+class Prepared:
+    """Answer to `prepare`: the sandbox the child applied to itself ({measure: {applied, detail}};
+    None when none was asked).  The child now waits for `start`."""
 
-    report: dict[str, dict[str, Any]]
+    report: dict[str, dict[str, Any]] | None = None
 
 
 @_frozen
@@ -111,6 +112,18 @@ class Failed:
 
 
 @_frozen
+class Prepare:
+    """Everything a child does before its step is known: seal the sandbox, set up the plugins path.
+
+    Sent right after `ready`, so that an attempt can be prepared ahead of the
+    request that will use it; `start` follows when the step is chosen.
+    """
+
+    plugins: str
+    sandbox: dict[str, Any] | None = None
+
+
+@_frozen
 class Start:
     version: int
     run_id: str
@@ -118,14 +131,12 @@ class Start:
     step: str
     attempt: int
     function: str
-    plugins: str
     params: dict[str, Any] = attrs.field(factory=dict)
     session_user: str = "cli"
     log_level: Literal["INFO", "DEBUG"] = "INFO"
     previous_steps: dict[str, dict[str, Any]] = attrs.field(factory=dict)
     connectors: list[str] = attrs.field(factory=list)
     max_output_bytes: int = 64 * 1024
-    sandbox: dict[str, Any] | None = None
 
 
 @_frozen
@@ -143,13 +154,16 @@ class Rows:
     """One batch of a stream; `done` marks the last one, `error` a failed stream.
 
     Column names travel once per batch and each row as a list of values
-    (`protocol.values.pack_rows`): half the bytes of a list of objects.
+    (`protocol.values.pack_rows`): half the bytes of a list of objects.  A
+    batch whose values are all None/bool/int/float/str/bytes travels as `blob`
+    instead (`protocol.values.pack_blob`, marshal): no JSON to write or parse.
     """
 
     id: int
     columns: list[str] = attrs.field(factory=list)
     rows: list[Any] = attrs.field(factory=list)
     tagged: bool = False  # some value is in `protocol.values`' tagged form: decode them
+    blob: str = ""  # the rows, when sent as `protocol.values.pack_blob` (then `rows` is empty)
     done: bool = False
     error: dict[str, Any] | None = None
 
@@ -161,15 +175,15 @@ class Cancel:
     stage: CancelStage = "flag"
 
 
-ChildMessage = Ready | Sealed | Log | Call | StreamOpen | StreamMore | StreamClose | Done | Failed
-ParentMessage = Start | Reply | Rows | Cancel
+ChildMessage = Ready | Prepared | Log | Call | StreamOpen | StreamMore | StreamClose | Done | Failed
+ParentMessage = Prepare | Start | Reply | Rows | Cancel
 
-CHILD_MESSAGES: tuple[type, ...] = (Ready, Sealed, Log, Call, StreamOpen, StreamMore, StreamClose, Done, Failed)
-PARENT_MESSAGES: tuple[type, ...] = (Start, Reply, Rows, Cancel)
+CHILD_MESSAGES: tuple[type, ...] = (Ready, Prepared, Log, Call, StreamOpen, StreamMore, StreamClose, Done, Failed)
+PARENT_MESSAGES: tuple[type, ...] = (Prepare, Start, Reply, Rows, Cancel)
 
 TAGS: dict[type, str] = {
     Ready: "ready",
-    Sealed: "sealed",
+    Prepared: "prepared",
     Log: "log",
     Call: "call",
     StreamOpen: "stream_open",
@@ -177,6 +191,7 @@ TAGS: dict[type, str] = {
     StreamClose: "stream_close",
     Done: "done",
     Failed: "failed",
+    Prepare: "prepare",
     Start: "start",
     Reply: "reply",
     Rows: "rows",

@@ -17,14 +17,20 @@ parent's exception (cloudpickle) next to a plain description, and
 from __future__ import annotations
 
 import base64
+import binascii
 import datetime as dt
 import decimal
+import functools
 import importlib
+import itertools
+import marshal
 import math
 import pickle
 import re
+import struct
 import uuid
 import zoneinfo
+from collections.abc import Iterator
 from typing import Any
 
 from ..errors import ProtocolError
@@ -112,7 +118,7 @@ def pack_rows(rows: list[tuple[Any, ...]]) -> tuple[list[Any], bool]:
     Plain rows go as they are (a tuple dumps as a list); the flag lets the
     receiver skip decoding a batch of plain values altogether.
     """
-    if all(type(v) in _SCALARS for row in rows for v in row):
+    if set(map(type, itertools.chain.from_iterable(rows))) <= _SCALAR_SET:
         return rows, False  # the common batch: nothing to look at twice
     packed: list[Any] = []
     tagged = False
@@ -128,11 +134,137 @@ def pack_rows(rows: list[tuple[Any, ...]]) -> tuple[list[Any], bool]:
 def unpack_rows(columns: list[str], rows: list[Any], *, tagged: bool) -> list[dict[str, Any]]:
     """Inverse of `pack_rows` with the batch's column names; a malformed batch raises ProtocolError."""
     width = len(columns)
-    if not all(type(row) is list and len(row) == width for row in rows):
+    if type(rows) is not list or not set(map(type, rows)) <= {list} or not set(map(len, rows)) <= {width}:
         raise ProtocolError(f"every stream row must be a list of {width} values")
     if tagged:
         rows = [[decode_value(v) for v in row] for row in rows]
-    return [dict(zip(columns, row)) for row in rows]
+    return _maker(columns)(rows)
+
+
+_SCALAR_SET = frozenset(_SCALARS)
+# Exactly the types `marshal` gives back as they went in (bytes, NaN and -0.0 included).
+BLOB_TYPES: frozenset[type] = frozenset({type(None), bool, int, float, str, bytes})
+
+
+class BatchBuilder:
+    """One stream batch, built from the chunks of row tuples the driver returns.
+
+    When the driver's types are known to fit a blob (`value_types`), each
+    chunk is marshalled as it comes, while it is in cache, and dropped: few
+    tuples are alive at once, below the garbage collector's trigger (a count
+    of live container objects), as when iterating a cursor in process.
+    """
+
+    def __init__(self, value_types: frozenset[type] | None = None) -> None:
+        self.count = 0
+        self._marshal_now = value_types is not None and value_types <= BLOB_TYPES
+        self._chunks: list[bytes] = []  # when marshalled as they come
+        self._rows: list[tuple[Any, ...]] = []  # otherwise
+
+    def add(self, rows: list[tuple[Any, ...]]) -> None:
+        if not rows:
+            return
+        self.count += len(rows)
+        if self._marshal_now:
+            self._chunks.append(_blob_chunk(rows))
+        else:
+            self._rows.extend(rows)
+
+    def blob(self) -> bytes | None:
+        """The batch as `pack_blob` makes it, if every value is of a `BLOB_TYPES` type (else None)."""
+        if self._marshal_now:
+            return _base64(self._chunks) if self._chunks else None
+        if self._rows and set(map(type, itertools.chain.from_iterable(self._rows))) <= BLOB_TYPES:
+            return pack_blob(self._rows)
+        return None
+
+    def packed_rows(self) -> tuple[list[Any], bool]:
+        """The batch as `pack_rows` makes it: what goes when `blob()` cannot."""
+        return pack_rows(self._rows)
+
+
+def pack_blob(rows: list[tuple[Any, ...]]) -> bytes:
+    """Rows of `BLOB_TYPES` values as a `Rows.blob` (parent -> child only): base64 of chunks of `marshal`.
+
+    Several times cheaper than JSON to write and to read, with nothing to tag.
+    A chunk is a 4-byte little-endian length and the marshalled list of up to
+    `BLOB_CHUNK_ROWS` row tuples.  The child unmarshals only what its
+    supervisor sent, as it unpickles exceptions; nothing a child sends is ever
+    unmarshalled.
+    """
+    return _base64([_blob_chunk(rows[i : i + BLOB_CHUNK_ROWS]) for i in range(0, len(rows), BLOB_CHUNK_ROWS)])
+
+
+BLOB_CHUNK_ROWS = 256
+_LENGTH = struct.Struct("<I")
+
+
+def _blob_chunk(rows: list[tuple[Any, ...]]) -> bytes:
+    data = marshal.dumps(rows)
+    return _LENGTH.pack(len(data)) + data
+
+
+def _base64(chunks: list[bytes]) -> bytes:
+    return binascii.b2a_base64(b"".join(chunks), newline=False)
+
+
+def unpack_blob(columns: list[str], blob: str) -> Iterator[dict[str, Any]]:
+    """Inverse of `pack_blob`: the batch's rows as dicts, made a chunk at a time as they are reached.
+
+    A malformed blob raises ProtocolError, at the chunk where it is found.
+    """
+    try:
+        data = memoryview(binascii.a2b_base64(blob))
+    except ValueError as exc:  # binascii.Error
+        raise ProtocolError(f"stream rows blob is not base64: {exc}") from None
+    make = _maker(columns)
+    return itertools.chain.from_iterable(make(chunk) for chunk in _blob_chunks(data, len(columns)))
+
+
+def _blob_chunks(data: memoryview, width: int) -> Iterator[list[tuple[Any, ...]]]:
+    pos, end = 0, len(data)
+    while pos < end:
+        if pos + _LENGTH.size > end:
+            raise ProtocolError("stream rows blob ends inside a chunk length")
+        (size,) = _LENGTH.unpack_from(data, pos)
+        pos += _LENGTH.size
+        if pos + size > end:
+            raise ProtocolError("stream rows blob ends inside a chunk")
+        try:
+            rows = marshal.loads(data[pos : pos + size])
+        except (ValueError, EOFError, TypeError) as exc:
+            raise ProtocolError(f"stream rows blob has an invalid chunk: {exc}") from None
+        if type(rows) is not list or not set(map(type, rows)) <= {tuple} or not set(map(len, rows)) <= {width}:
+            raise ProtocolError(f"stream rows blob chunks must be lists of tuples of {width} values")
+        pos += size
+        yield rows
+
+
+def _maker(columns: list[str]) -> Any:
+    """`make(rows)`: the rows (of the right width) as a list of dicts."""
+    width = len(columns)
+    if 0 < width <= _MAX_BUILT_WIDTH:
+        return functools.partial(_dict_maker(width), *columns)
+    return lambda rows: [dict(zip(columns, row)) for row in rows]
+
+
+_MAX_BUILT_WIDTH = 64
+
+
+@functools.lru_cache(maxsize=_MAX_BUILT_WIDTH)
+def _dict_maker(width: int) -> Any:
+    """`make(*columns, rows)`: a list of one dict display per row, 3x cheaper than `dict(zip(...))`.
+
+    Only the width shapes the generated code; the column names are arguments.
+    Rows must have exactly `width` values.
+    """
+    keys = [f"k{i}" for i in range(width)]
+    values = [f"v{i}" for i in range(width)]
+    pairs = ", ".join(f"{k}: {v}" for k, v in zip(keys, values))
+    source = f"def make({', '.join(keys)}, rows):\n    return [{{{pairs}}} for ({', '.join(values)},) in rows]\n"
+    namespace: dict[str, Any] = {}
+    exec(source, namespace)  # noqa: S102 - the source is built from an int
+    return namespace["make"]
 
 
 def decode_value(data: Any) -> Any:
@@ -363,4 +495,17 @@ def _import_class(module: str, qualname: str) -> type[Exception] | None:
     return None
 
 
-__all__ = ["MAX_PICKLE_BYTES", "TAG", "decode_exception", "decode_value", "encode_exception", "encode_value"]
+__all__ = [
+    "BLOB_TYPES",
+    "MAX_PICKLE_BYTES",
+    "TAG",
+    "BatchBuilder",
+    "decode_exception",
+    "decode_value",
+    "encode_exception",
+    "encode_value",
+    "pack_blob",
+    "pack_rows",
+    "unpack_blob",
+    "unpack_rows",
+]

@@ -10,6 +10,7 @@ an attempt fails that attempt closed instead of running the plugin unprotected.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -75,9 +76,13 @@ class Containment:
             max_file_mb=limits.max_file_mb,
             max_processes=limits.max_processes + THREAD_RESERVE if limits.max_processes else None,
             network=limits.network,
-            readable=default_readable(str(self.plugins), *limits.readable),
+            readable=list(self._readable(tuple(limits.readable))),
             writable=list(limits.writable),
         ).to_dict()
+
+    @functools.lru_cache(maxsize=32)  # noqa: B019  (one Containment per Supervisor; a few distinct lists)
+    def _readable(self, extra: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(default_readable(str(self.plugins), *extra))
 
     def contain(self, name: str, pid: int, limits: Limits) -> AttemptCgroup | None:
         """Move the attempt's process into a fresh cgroup before it runs any plugin code.

@@ -1,95 +1,119 @@
 """Run-log lines from every attempt, batched into the history off the hot path.
 
-Producers `await put(line)`; a byte budget gives backpressure (a child that
-logs faster than SQLite commits ends up blocked on its pipe rather than
-growing the supervisor's memory; lines may be 64 KiB wide, so counting lines
-would not bound it).  One flusher task commits batches.
+Producers `await put(line)`, or `put_lines(...)` for a run of lines of one
+attempt (a chatty step's pipe read: rows, no object per line); a byte budget
+gives backpressure (a child that logs faster than SQLite commits ends up
+blocked on its pipe rather than growing the supervisor's memory; lines may be
+64 KiB wide, so counting lines would not bound it).  One flusher task commits
+whatever queued up while the previous commit ran, so batches grow with the
+load and a quiet run still has each line committed at once.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import trio
 
 from ..history import HistoryStore, LogLine
+from ..history.store import LogRow, log_row
 
-BATCH = 2000
-CAPACITY = 20000
 BUDGET_BYTES = 8 * 1024 * 1024
-_LINE_OVERHEAD = 200  # the LogLine object around the text
-
-
-def _cost(line: LogLine) -> int:
-    return len(line.message) + _LINE_OVERHEAD
+_LINE_OVERHEAD = 200  # the row around the text
 
 
 class LogSink:
     def __init__(self, store: HistoryStore, listeners: list[Callable[[LogLine], None]]) -> None:
         self._store = store
         self._listeners = listeners
-        self._send, self._receive = trio.open_memory_channel[LogLine | trio.Event](CAPACITY)
-        self._spill: list[LogLine] = []
-        self._in_flight = 0
+        self._queue: list[LogRow] = []
+        self._queued_cost = 0
+        self._barriers: list[trio.Event] = []
+        self._in_flight = 0  # bytes put and not yet committed: queued plus the batch being written
         self._drained = trio.Event()
+        self._wake = trio.Event()
+        self._closed = False
 
     async def put(self, line: LogLine) -> None:
+        self._check_open()
         for listener in self._listeners:
             listener(line)
-        cost = _cost(line)
-        while self._in_flight and self._in_flight + cost > BUDGET_BYTES:
+        cost = len(line.message) + _LINE_OVERHEAD
+        while self._in_flight and self._in_flight + cost > BUDGET_BYTES:  # `_admit`, inline: one line is hot too
             await self._drained.wait()
+        self._queue.append(log_row(line))
+        self._queued_cost += cost
         self._in_flight += cost
-        try:
-            self._send.send_nowait(line)  # no scheduling point per line while there is room
-        except trio.WouldBlock:
-            await self._send.send(line)
+        self._wake.set()
+
+    async def put_lines(
+        self, run_id: str, step: str | None, attempt: int | None, stream: str, entries: list[tuple[str, str]]
+    ) -> None:
+        """Queue (level, message) lines of one attempt's stream in order, all stamped now."""
+        self._check_open()
+        ts = time.time()
+        rows = [(run_id, ts, level, stream, message, step, attempt) for level, message in entries]
+        if self._listeners:
+            for row in rows:
+                line = LogLine(*row)
+                for listener in self._listeners:
+                    listener(line)
+        await self._admit(rows, sum(len(message) for _, message in entries) + _LINE_OVERHEAD * len(entries))
 
     def put_nowait(self, line: LogLine) -> None:
-        """For synchronous callers (connector call notes); a full buffer spills into the next batch."""
+        """For synchronous callers (connector call notes): never waits, the budget may overshoot by these."""
+        self._check_open()
         for listener in self._listeners:
             listener(line)
-        self._in_flight += _cost(line)
-        try:
-            self._send.send_nowait(line)
-        except trio.WouldBlock:
-            self._spill.append(line)
+        self._enqueue([log_row(line)], len(line.message) + _LINE_OVERHEAD)
+
+    async def _admit(self, rows: list[LogRow], cost: int) -> None:
+        # Waits only while the budget is spent, so there is no scheduling point per line.
+        # An oversize group still gets in once nothing is in flight: the bound is budget + one group.
+        while self._in_flight and self._in_flight + cost > BUDGET_BYTES:
+            await self._drained.wait()
+        self._enqueue(rows, cost)
+
+    def _enqueue(self, rows: list[LogRow], cost: int) -> None:
+        self._queue += rows
+        self._queued_cost += cost
+        self._in_flight += cost
+        self._wake.set()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("the log sink is closed")
 
     async def flush(self) -> None:
         """Return once every line put before this call is committed."""
+        self._check_open()
         done = trio.Event()
-        await self._send.send(done)
+        self._barriers.append(done)
+        self._wake.set()
         await done.wait()
 
     async def close(self) -> None:
         await self.flush()
-        await self._send.aclose()
+        self._closed = True
+        self._wake.set()
 
     async def run(self) -> None:
         """The flusher: runs until `close()`."""
-        async with self._receive:
-            async for first in self._receive:
-                batch: list[LogLine] = []
-                barriers: list[trio.Event] = []
-                item: LogLine | trio.Event = first
-                while True:
-                    if isinstance(item, trio.Event):
-                        barriers.append(item)
-                    else:
-                        batch.append(item)
-                    if len(batch) >= BATCH:
-                        break
-                    try:
-                        item = self._receive.receive_nowait()
-                    except (trio.WouldBlock, trio.EndOfChannel):
-                        break
-                if self._spill:
-                    batch.extend(self._spill)
-                    self._spill = []
-                if batch:
-                    await trio.to_thread.run_sync(self._store.append_logs, batch)
-                    self._in_flight -= sum(_cost(line) for line in batch)
-                    self._drained.set()
-                    self._drained = trio.Event()
-                for barrier in barriers:
-                    barrier.set()
+        while True:
+            if not self._queue and not self._barriers:
+                if self._closed:
+                    return
+                self._wake = trio.Event()
+                await self._wake.wait()
+                continue
+            batch, self._queue = self._queue, []
+            cost, self._queued_cost = self._queued_cost, 0
+            barriers, self._barriers = self._barriers, []
+            if batch:
+                await trio.to_thread.run_sync(self._store.append_log_rows, batch)
+                self._in_flight -= cost
+                self._drained.set()
+                self._drained = trio.Event()
+            for barrier in barriers:
+                barrier.set()

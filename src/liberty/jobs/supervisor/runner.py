@@ -30,6 +30,7 @@ from .processes import become_subreaper
 from .containment import Containment
 from .session import AttemptOutcome, AttemptSession
 from .spawn import ChildHandle, child_environment, spawn_child
+from .warm import SparePool
 from .zygote import Zygote, ZygoteError
 
 _log = logging.getLogger(__name__)
@@ -73,9 +74,12 @@ class Supervisor:
         on_log: Callable[[LogLine], None] | None = None,
         start_mode: StartMode = "zygote",
         isolation: bool = True,
+        spares: int = 2,
     ) -> None:
         if start_mode not in ("zygote", "spawn"):
             raise ConfigError(f"start_mode must be 'zygote' or 'spawn', got {start_mode!r}", key="start_mode")
+        if not isinstance(spares, int) or spares < 0:
+            raise ConfigError(f"spares must be a whole number >= 0 (0 turns warm spares off), got {spares!r}", key="spares")
         self.start_mode: StartMode = start_mode
         self.start_mode_note = ""
         self._zygote: Zygote | None = None
@@ -92,6 +96,8 @@ class Supervisor:
         self._store: HistoryStore | None = None
         self._sink: LogSink | None = None
         self._connectors: Any | None = None
+        self.spares = spares
+        self._spares: SparePool | None = None
 
     # -- lifecycle --------------------------------------------------------
 
@@ -137,6 +143,11 @@ class Supervisor:
             stack.callback(services.cancel_scope.cancel)
             services.start_soon(self._sink.run)
             services.start_soon(self._poll_cancels)
+            if self.spares > 0:
+                self._spares = SparePool(
+                    start_child=self._start_child, containment=self.containment, plugins=str(self.plugins), size=self.spares
+                )
+                await services.start(self._spares.run)
             stack.push_async_callback(self._sink.close)
             # Runs get a nursery of their own, closed first: the log flusher outlives them.
             self._nursery = await stack.enter_async_context(trio.open_nursery())
@@ -180,6 +191,8 @@ class Supervisor:
         pids = {s.pid for s in self._sessions if s.pid is not None}
         if self._zygote is not None and self._zygote.pid is not None:
             pids.add(self._zygote.pid)
+        if self._spares is not None:
+            pids |= self._spares.pids()
         return pids
 
     async def _start_child(self, *, workdir: str, env: dict[str, str]) -> ChildHandle:
@@ -225,6 +238,7 @@ class Supervisor:
                 params={**job.params, **(params or {})},
                 steps=[s.name for s in job.steps],
                 supervisor_pid=os.getpid(),
+                started=True,
             )
         )
         handle = RunHandle(run_id, job, supervisor=self)
@@ -272,13 +286,6 @@ class Supervisor:
         store, sink, job = self._store, self._sink, handle.job
         assert store is not None and sink is not None
         try:
-            first = job.steps[0].name
-
-            def start_run() -> None:
-                store.start_run(handle.run_id)
-                store.start_step(handle.run_id, first)
-
-            await trio.to_thread.run_sync(start_run)
             previous: dict[str, dict[str, Any]] = {}
             final = Status.SUCCEEDED
             for index, step in enumerate(job.steps):
@@ -398,6 +405,9 @@ class Supervisor:
                 LogLine(run_id=run_id, ts=time.time(), level=level, stream=stream, message=message, step=step.name, attempt=attempt)
             )
 
+        async def emit_many(stream: str, entries: list[tuple[str, str]]) -> None:
+            await sink.put_lines(run_id, step.name, attempt, stream, entries)
+
         start = Start(
             version=PROTOCOL_VERSION,
             run_id=run_id,
@@ -405,7 +415,6 @@ class Supervisor:
             step=step.name,
             attempt=attempt,
             function=step.python,
-            plugins=str(self.plugins),
             params=kwargs,
             session_user=user,
             log_level=handle.job.log_level,
@@ -430,15 +439,18 @@ class Supervisor:
                 start=start,
                 step=step,
                 emit=emit,
+                emit_many=emit_many,
                 cancel=handle.cancel_event,
                 connectors=scope,
                 spare_pids=self._live_pids,
                 start_child=self._start_child,
                 containment=self.containment,
+                plugins=str(self.plugins),
             )
             self._sessions.add(session)
             try:
-                outcome = await session.run()
+                prepared = await self._spares.claim(step.limits) if self._spares is not None else None
+                outcome = await session.run(prepared)
             finally:
                 self._sessions.discard(session)
         if outcome.error and outcome.status != Status.SUCCEEDED:

@@ -11,11 +11,15 @@ child sends can raise out of here: every failure becomes the attempt's outcome.
 from __future__ import annotations
 
 import collections
+import fcntl
+import functools
 import json
+import math
 import os
 import signal
 import shutil
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -27,6 +31,7 @@ import trio
 
 from ..config import Step
 from ..errors import ProtocolError
+from ..protocol.values import BatchBuilder, decode_value, encode_exception, encode_value
 from ..protocol import (
     DEFAULT_MAX_LINE,
     PROTOCOL_VERSION,
@@ -38,10 +43,11 @@ from ..protocol import (
     LineSplitter,
     Log,
     ParentMessage,
+    Prepare,
+    Prepared,
     Ready,
     Reply,
     Rows,
-    Sealed,
     Start,
     StreamClose,
     StreamMore,
@@ -49,14 +55,19 @@ from ..protocol import (
     decode_child_message,
     encode,
 )
+from ..protocol.codec import encode_reply, encode_rows_blob, split_log
 from ..types import Reason, Status
 from .processes import kill_tree, signal_name, tree_pids
 from .cgroups import AttemptCgroup, CgroupError
 from .containment import Containment, sandbox_gaps, sandbox_problem
 from .spawn import ChildHandle, child_environment, spawn_child
+from .warm import PreparedChild
 
 Emit = Callable[[str, str, str], Awaitable[None]]
 """(level, stream, message) -> appended to the run log; may apply backpressure."""
+
+EmitMany = Callable[[str, list[tuple[str, str]]], Awaitable[None]]
+"""(stream, [(level, message), ...]) -> appended to the run log in order, in one go."""
 
 StartChild = Callable[..., Awaitable[ChildHandle]]
 """(workdir=, env=) -> a started child; `spawn_child` or a zygote's `fork`."""
@@ -69,6 +80,9 @@ STDERR_TAIL_LINES = 20
 USAGE_INTERVAL = 1.0
 MAX_OUTPUT_DEPTH = 64
 STACK_DUMP_WAIT = 0.5
+STREAM_PIPE_BYTES = 1024 * 1024
+MAX_UNSENT_BATCHES = 4
+CREDIT_WAIT_SECONDS = 0.05
 
 
 @attrs.frozen(kw_only=True)
@@ -96,11 +110,13 @@ class AttemptSession:
         start: Start,
         step: Step,
         emit: Emit,
+        emit_many: EmitMany | None = None,
         cancel: trio.Event,
         connectors: Any | None = None,
         spare_pids: Callable[[], set[int]] = set,
         start_child: StartChild = spawn_child,
         containment: Containment | None = None,
+        plugins: str,
     ) -> None:
         self._start_child = start_child
         self._containment = containment
@@ -111,6 +127,7 @@ class AttemptSession:
         self._start = start
         self._step = step
         self._emit_raw = emit
+        self._emit_many = emit_many
         self._cancel = cancel
         self._connectors = connectors
         self._spare_pids = spare_pids
@@ -119,6 +136,9 @@ class AttemptSession:
         self._send_lock = trio.Lock()
         self._send_broken = False
         self._ready = trio.Event()
+        self._prepared = trio.Event()  # the child reported its sandbox and waits for `start`
+        self._prepare_msg = Prepare(plugins=plugins)
+        self._plugins = plugins
         self._settled = trio.Event()
         self._exited = trio.Event()
         self._protocol_eof = trio.Event()
@@ -145,29 +165,43 @@ class AttemptSession:
 
     # -- the attempt ------------------------------------------------------
 
-    async def run(self) -> AttemptOutcome:
+    async def run(self, prepared: PreparedChild | None = None) -> AttemptOutcome:
+        """Run the attempt: in `prepared` (a warm spare, already contained and sealed) or in a child started now."""
         t0 = time.monotonic()
-        workdir = tempfile.mkdtemp(prefix="nomaflow-step-")
+        if prepared is not None:
+            workdir, child = prepared.workdir, prepared.child
+            self._token, self._group = prepared.token, prepared.group
+            self._ready.set()
+            self._prepared.set()
+        else:
+            workdir = tempfile.mkdtemp(prefix="nomaflow-step-")
         returncode: int | None = None
         try:
-            env = child_environment(workdir=workdir, token=self._token)
-            try:
-                child = await self._start_child(workdir=workdir, env=env)
-            except OSError as exc:
-                return AttemptOutcome(
-                    status=Status.FAILED,
-                    reason=Reason.CRASHED,
-                    error={"type": type(exc).__name__, "message": f"could not start the child interpreter: {exc}", "traceback": ""},
-                    wall_s=time.monotonic() - t0,
-                )
+            if prepared is None:
+                env = child_environment(workdir=workdir, token=self._token)
+                try:
+                    child = await self._start_child(workdir=workdir, env=env)
+                except OSError as exc:
+                    return AttemptOutcome(
+                        status=Status.FAILED,
+                        reason=Reason.CRASHED,
+                        error={"type": type(exc).__name__, "message": f"could not start the child interpreter: {exc}", "traceback": ""},
+                        wall_s=time.monotonic() - t0,
+                    )
             self.pid = child.pid
             self._child_stream = child.to_child
             try:
-                if self._containment is not None:
-                    self._start = attrs.evolve(
-                        self._start, sandbox=self._containment.sandbox_spec(self._step.limits, workdir)
-                    )
-                    await self._contain(child)
+                if prepared is not None:
+                    await self._accept_report(prepared.report)
+                else:
+                    sandbox = None
+                    if self._containment is not None:
+                        try:
+                            sandbox = self._containment.sandbox_spec(self._step.limits, workdir)
+                        except OSError as exc:
+                            self._refuse(Reason.SANDBOX, "SandboxError", f"could not prepare the step's sandbox: {exc}")
+                        await self._contain(child)
+                    self._prepare_msg = Prepare(plugins=self._plugins, sandbox=sandbox)
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._pump_output, child.stdout, "stdout")
                     nursery.start_soon(self._pump_output, child.stderr, "stderr")
@@ -207,25 +241,41 @@ class AttemptSession:
         except (CgroupError, OSError, ValueError) as exc:
             self._refuse(Reason.SANDBOX, "SandboxError", f"could not put the step in its own cgroup: {exc}")
 
+    async def _accept_report(self, report: dict[str, Any] | None) -> None:
+        """The child's sandbox report: refuse to run the step on a broken sandbox, note a known gap."""
+        self._sandbox_report = report
+        if report is None:
+            return
+        problem = sandbox_problem(report)
+        if problem:
+            self._refuse(Reason.SANDBOX, "SandboxError", f"the sandbox could not be applied, so the step was not run: {problem}")
+            return
+        pids_capped = self._group is not None and self._group.pids_limit is not None
+        gaps = sandbox_gaps(report, pids_capped=pids_capped)
+        if gaps:  # a known fallback, said once per attempt rather than silently
+            await self._note("WARNING", f"sandbox: {gaps}")
+
     def _refuse(self, reason: Reason, type_: str, message: str) -> None:
         if self._refusal is None:
             self._refusal = (reason, type_, message)
         self._settled.set()
 
     async def _drive(self, child: ChildHandle, t0: float) -> None:
-        # `start` goes out without waiting for `ready`: the pipe holds it until the child
-        # reads, which saves a round trip; `ready` (version, pid) is still checked first.
+        if not self._prepared.is_set():
+            # Cold: `prepare` goes out without waiting for `ready` (the pipe holds it), but
+            # `start` only once the child reports its sandbox: no plugin code in a broken one.
+            await self._send(self._prepare_msg)
+            with trio.move_on_after(STARTUP_TIMEOUT):
+                await _first(self._prepared.wait, self._settled.wait)
+            if self._settled.is_set():
+                return
+            if not self._prepared.is_set():
+                self._protocol_violation(f"no 'ready' and 'prepared' within {STARTUP_TIMEOUT:.0f} s of start")
+                return
         try:
             await self._send(self._start)
         except ProtocolError as exc:
             self._refuse(Reason.EXCEPTION, "InvalidParams", f"the step's start message cannot be sent: {exc}")
-            return
-        with trio.move_on_after(STARTUP_TIMEOUT):
-            await _first(self._ready.wait, self._settled.wait)
-        if self._settled.is_set():
-            return
-        if not self._ready.is_set():
-            self._protocol_violation(f"no 'ready' message within {STARTUP_TIMEOUT:.0f} s of start")
             return
         deadline = t0 + self._step.timeout_seconds
         with trio.move_on_at(trio.current_time() + max(0.0, deadline - time.monotonic())):
@@ -382,16 +432,38 @@ class AttemptSession:
             self._protocol_eof.set()
 
     async def _read_lines(self, child: ChildHandle, nursery: trio.Nursery, splitter: LineSplitter) -> None:
+        # A log line is acceptable wherever `_handle` accepted the one before it: only the
+        # other messages move the state it checks.  So after one, a run of well-formed log
+        # lines skips `_handle` and goes to the run log together; any other line is decoded
+        # and handled one by one as before.
+        accepting = False
         try:
             while True:
                 data = await child.from_child.receive_some(65536)
                 if not data:
                     splitter.close()
                     return
+                logs: list[tuple[str, str]] = []
                 for line in splitter.feed(data):
-                    await self._handle(decode_child_message(line), nursery)
+                    if accepting:
+                        entry = split_log(line)
+                        if entry is not None:
+                            logs.append(entry)
+                            continue
+                    try:
+                        msg = decode_child_message(line)
+                    except ProtocolError:
+                        await self._log_many("log", logs)  # what came before the bad line is kept
+                        raise
+                    if logs:
+                        await self._log_many("log", logs)
+                        logs = []
+                    await self._handle(msg, nursery)
                     if self._violation is not None:
                         return
+                    accepting = type(msg) is Log
+                if logs:
+                    await self._log_many("log", logs)
         except ProtocolError as exc:
             self._protocol_violation(str(exc))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -414,28 +486,31 @@ class AttemptSession:
             return None
         if self._result is not None:
             return self._protocol_violation(f"{type(msg).__name__.lower()} message after the step's result")
-        if self._start.sandbox is not None and self._sandbox_report is None:
-            if not isinstance(msg, Sealed):
-                return self._protocol_violation(f"expected 'sealed' after start, got {type(msg).__name__.lower()}")
-            self._sandbox_report = msg.report
-            problem = sandbox_problem(msg.report)
-            if problem:
-                self._refuse(Reason.SANDBOX, "SandboxError", f"the sandbox could not be applied, so the step was not run: {problem}")
-                return None
-            pids_capped = self._group is not None and self._group.pids_limit is not None
-            gaps = sandbox_gaps(msg.report, pids_capped=pids_capped)
-            if gaps:  # a known fallback, said once per attempt rather than silently
-                await self._note("WARNING", f"sandbox: {gaps}")
+        if not self._prepared.is_set():
+            if not isinstance(msg, Prepared):
+                return self._protocol_violation(f"expected 'prepared' after ready, got {type(msg).__name__.lower()}")
+            if (msg.report is None) != (self._prepare_msg.sandbox is None):
+                return self._protocol_violation("'prepared' report does not match the sandbox asked for")
+            await self._accept_report(msg.report)
+            self._prepared.set()
             return None
-        if isinstance(msg, Sealed):
-            return self._protocol_violation("unexpected 'sealed' message")
+        if isinstance(msg, Prepared):
+            return self._protocol_violation("unexpected 'prepared' message")
         if isinstance(msg, Log):
             await self._log(msg.level, "log", msg.message)
         elif isinstance(msg, Call):
             if msg.id in self._calls:
                 return self._protocol_violation(f"call id {msg.id} reused while still pending")
-            self._calls.add(msg.id)
-            nursery.start_soon(self._serve_call, msg)
+            try:
+                args, kwargs = decode_value(msg.args), decode_value(msg.kwargs)
+            except ProtocolError as exc:
+                return self._protocol_violation(f"call {msg.id}: {exc}")
+            data = self._answer_now(msg, args, kwargs)
+            if data is None:
+                self._calls.add(msg.id)
+                nursery.start_soon(self._serve_call, msg, args, kwargs)
+            elif data:
+                await self._send_bytes(data)
         elif isinstance(msg, StreamOpen):
             if msg.id in self._streams or msg.id in self._ended_streams or msg.credit < 1 or msg.batch_size < 1:
                 return self._protocol_violation(f"bad stream_open (id {msg.id}, credit {msg.credit}, batch {msg.batch_size})")
@@ -453,8 +528,7 @@ class AttemptSession:
             stream = self._streams.get(msg.id)
             if stream is None:
                 return self._protocol_violation(f"stream_close for unknown stream {msg.id}")
-            stream.close_requested = True
-            stream.grant(1)
+            stream.close()
         elif isinstance(msg, Done):
             size = len(json.dumps(msg.output, ensure_ascii=False).encode("utf-8"))
             depth = _depth(msg.output)
@@ -528,42 +602,60 @@ class AttemptSession:
 
     # -- connectors -------------------------------------------------------
 
-    async def _serve_call(self, msg: Call) -> None:
-        from ..protocol.values import decode_value, encode_exception, encode_value
+    def _answer_now(self, msg: Call, args: Any, kwargs: Any) -> bytes | None:
+        """The reply to a call the connector answers without waiting (`describe`, or
+        `ConnectorSession.call_now`: an in-memory SQLite statement), or None to serve it as a task.
 
+        No task, no cancel scope: for a quick call those cost more than the statement.
+        """
+        if self._connectors is None:
+            return None
+        try:
+            if msg.method == "describe":
+                result = self._connectors.describe(msg.connector)
+            else:
+                result = self._connectors.call_now(msg.connector, msg.method, args, kwargs, tx=msg.tx)
+        except Exception as exc:
+            return self._reply_line(msg, error=exc)
+        if result is self._connectors.NOT_NOW:
+            return None
+        return self._reply_line(msg, result)
+
+    async def _serve_call(self, msg: Call, args: Any, kwargs: Any) -> None:
         try:
             if self._connectors is None:
                 raise LookupError(
                     f"connector {msg.connector!r} is not configured: no connectors file was loaded "
                     "(declare it in connectors.toml)"
                 )
-            if msg.method == "describe":
-                result = self._connectors.describe(msg.connector)
-            else:
-                args = decode_value(msg.args)
-                kwargs = decode_value(msg.kwargs)
-                result = await self._connectors.call(msg.connector, msg.method, args, kwargs, tx=msg.tx)
-            reply = Reply(id=msg.id, ok=True, value=encode_value(result))
-            data = self._fits(reply, f"the result of {msg.connector}.{msg.method}()", "use stream() or select fewer rows")
-        except ProtocolError as exc:  # the child's arguments or ids were invalid
-            self._protocol_violation(f"call {msg.id}: {exc}")
-            return
-        except Exception as exc:  # a connector's failure goes back to the plugin as its own type
-            reply = Reply(id=msg.id, ok=False, error=encode_exception(exc))
-            data = encode(reply, max_line=self._max_line)
+            result = await self._connectors.call(msg.connector, msg.method, args, kwargs, tx=msg.tx, now=False)
+        except Exception as exc:
+            data = self._reply_line(msg, error=exc)
+        else:
+            data = self._reply_line(msg, result)
         self._calls.discard(msg.id)
-        await self._send_bytes(data)
+        if data:
+            await self._send_bytes(data)
 
-    def _fits(self, msg: ParentMessage, what: str, advice: str) -> bytes:
-        """Encode a reply; one over the line cap is the plugin's error to handle, not a crash."""
-        try:
-            return encode(msg, max_line=self._max_line)
-        except ProtocolError as exc:
-            raise ValueError(f"{what} cannot be sent to the step: {exc}; {advice}") from None
+    def _reply_line(self, msg: Call, result: Any = None, *, error: Exception | None = None) -> bytes:
+        """The `reply` line to a call; b"" if the call broke the protocol (the violation is recorded)."""
+        if error is None:
+            try:
+                value = encode_value(result)
+                return _fits(
+                    lambda: encode_reply(msg.id, value, max_line=self._max_line),
+                    f"the result of {msg.connector}.{msg.method}()",
+                    "use stream() or select fewer rows",
+                )
+            except Exception as exc:
+                error = exc
+        if isinstance(error, ProtocolError):  # the child's arguments or ids were invalid
+            self._protocol_violation(f"call {msg.id}: {error}")
+            return b""
+        # A connector's failure goes back to the plugin as its own type.
+        return encode(Reply(id=msg.id, ok=False, error=encode_exception(error)), max_line=self._max_line)
 
     async def _serve_stream(self, stream: _ServedStream) -> None:
-        from ..protocol.values import decode_value, encode_exception, pack_rows
-
         sid: int | None = None
         try:
             if self._connectors is None:
@@ -575,20 +667,21 @@ class AttemptSession:
                 stream.open.batch_size,
                 tx=stream.open.tx,
             )
-            while True:
-                await stream.take_credit()
-                if stream.close_requested:
-                    return
-                batch = await self._connectors.stream_next_rows(sid)
-                if batch is None:
-                    await self._send(Rows(id=stream.open.id, done=True))
-                    return
-                columns, tuples = batch
-                packed, tagged = pack_rows(tuples)
-                rows = Rows(id=stream.open.id, columns=columns, rows=packed, tagged=tagged)
-                await self._send_bytes(
-                    self._fits(rows, f"a batch of {len(tuples)} rows from {stream.open.connector}", "lower batch_size")
-                )
+            self._widen_pipe()
+            failure: Exception | None = None
+            finished = False
+            send_line, lines = trio.open_memory_channel[bytes](math.inf)  # bounded by `_ServedStream.take`
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._send_batches, stream, lines)
+                with send_line:
+                    try:
+                        finished = await self._pump_stream(stream, sid, send_line.send_nowait)
+                    except Exception as exc:  # raised after the batches already encoded went out
+                        failure = exc
+            if failure is not None:
+                raise failure
+            if finished:
+                await self._send(Rows(id=stream.open.id, done=True))
         except ProtocolError as exc:
             self._protocol_violation(f"stream {stream.open.id}: {exc}")
         except Exception as exc:  # the driver's error reaches the plugin's `async for`
@@ -599,6 +692,39 @@ class AttemptSession:
             if sid is not None and self._connectors is not None:
                 with trio.CancelScope(shield=True):
                     await self._connectors.stream_close(sid)
+
+    async def _pump_stream(self, stream: _ServedStream, sid: int, send: Callable[[bytes], None]) -> bool:
+        """Batches go out as the worker thread encodes them; True once the stream is exhausted."""
+        assert self._connectors is not None
+        new_sink = functools.partial(_RowsLine, self._max_line, stream.open)
+        while True:
+            await stream.ready()
+            if stream.close_requested:
+                return False
+            if await self._connectors.stream_pump(sid, new_sink, stream.take, send):
+                return True
+
+    async def _send_batches(self, stream: _ServedStream, lines: trio.MemoryReceiveChannel[bytes]) -> None:
+        async with lines:
+            async for line in lines:
+                await self._send_bytes(line)
+                stream.sent()
+
+    def _widen_pipe(self) -> None:
+        """Room for a few whole batches in the pipe, so the next fetch overlaps the child's reading.
+
+        A batch is a line of ~100 KB; in the default 64 KiB pipe every batch
+        would wait on the child's reader thread, which waits on its GIL.
+        """
+        if self._pipe_widened or self._child_stream is None:
+            return
+        self._pipe_widened = True
+        try:
+            fcntl.fcntl(self._child_stream.fileno(), fcntl.F_SETPIPE_SZ, STREAM_PIPE_BYTES)
+        except OSError:
+            pass  # over /proc/sys/fs/pipe-max-size, or the pipe is gone: slower, not wrong
+
+    _pipe_widened = False
 
     # -- output, usage, exit ---------------------------------------------
 
@@ -620,9 +746,28 @@ class AttemptSession:
         self._log_bytes += size
         await self._emit_raw(level, stream, message)
 
+    async def _log_many(self, stream: str, entries: list[tuple[str, str]]) -> None:
+        """`_log` for a run of lines of one stream: the lines under the cap go out together."""
+        room = self._log_cap - self._log_bytes
+        kept = 0
+        for _, message in entries:
+            if len(message) + 1 > room:
+                break
+            room -= len(message) + 1
+            kept += 1
+        self._log_bytes = self._log_cap - room
+        taken = entries if kept == len(entries) else entries[:kept]
+        if taken and self._emit_many is not None:
+            await self._emit_many(stream, taken)
+        elif taken:
+            for level, message in taken:
+                await self._emit_raw(level, stream, message)
+        for level, message in entries[kept:]:
+            await self._log(level, stream, message)  # past the cap: dropped and counted (or a smaller one fits)
+
     async def _pump_output(self, stream: trio.abc.ReceiveStream, name: str) -> None:
         level = "INFO" if name == "stdout" else "WARNING"
-        buf = bytearray()
+        rest = b""
         try:
             while True:
                 try:
@@ -631,28 +776,22 @@ class AttemptSession:
                     data = b""
                 if not data:
                     break
-                buf += data
-                while True:
-                    nl = buf.find(b"\n")
-                    if nl < 0 and len(buf) < MAX_OUTPUT_LINE:
-                        break
-                    cut = nl if 0 <= nl < MAX_OUTPUT_LINE else MAX_OUTPUT_LINE
-                    line = bytes(buf[:cut]).decode("utf-8", "replace")
-                    del buf[: cut + 1 if cut == nl else cut]
-                    await self._output_line(level, name, line)
-            if buf:
-                await self._output_line(level, name, bytes(buf).decode("utf-8", "replace"))
+                lines, rest = _output_lines(rest + data)
+                if lines:
+                    await self._output_lines(level, name, lines)
+            if rest:
+                await self._output_lines(level, name, [rest.decode("utf-8", "replace")])
         finally:
             self._pumps_left -= 1
             if self._pumps_left == 0:
                 self._pumps_done.set()
 
-    async def _output_line(self, level: str, name: str, line: str) -> None:
+    async def _output_lines(self, level: str, name: str, lines: list[str]) -> None:
         if name == "stderr":
-            self._stderr_tail.append(line)
-            if self._stack_dump is not None and len(self._stack_dump) < 400:
-                self._stack_dump.append(line)
-        await self._log(level, name, line)
+            self._stderr_tail.extend(lines)
+            if self._stack_dump is not None:
+                self._stack_dump.extend(lines[: max(0, 400 - len(self._stack_dump))])
+        await self._log_many(name, [(level, line) for line in lines])
 
     async def _watch_exit(self, child: ChildHandle) -> None:
         pid = child.pid
@@ -710,24 +849,94 @@ class AttemptSession:
             await trio.sleep(interval)
             interval = min(interval * 2, USAGE_INTERVAL)
 
+class _RowsLine:
+    """One batch of a stream, built on the connector's worker thread into the `rows` line to send."""
+
+    def __init__(self, max_line: int, open_msg: StreamOpen, value_types: frozenset[type] | None) -> None:
+        self._max_line = max_line
+        self._open = open_msg
+        self._batch = BatchBuilder(value_types)
+        self.add = self._batch.add
+
+    def finish(self, columns: list[str]) -> bytes:
+        batch, rows = self._batch, Rows(id=self._open.id, columns=columns)
+
+        def line() -> bytes:
+            if (blob := batch.blob()) is not None:
+                return encode_rows_blob(rows, blob, max_line=self._max_line)
+            packed, tagged = batch.packed_rows()
+            return encode(attrs.evolve(rows, rows=packed, tagged=tagged), max_line=self._max_line)
+
+        return _fits(line, f"a batch of {batch.count} rows from {self._open.connector}", "lower batch_size")
+
+
+def _fits(line: Callable[[], bytes], what: str, advice: str) -> bytes:
+    """A reply's or a batch's line; one over the line cap is the plugin's error to handle, not a crash."""
+    try:
+        return line()
+    except ProtocolError as exc:
+        raise ValueError(f"{what} cannot be sent to the step: {exc}; {advice}") from None
+
+
 class _ServedStream:
-    """Credit-based flow control: at most `credit` batches in flight to the child."""
+    """Credit-based flow control: at most `credit` batches in flight to the child.
+
+    The connector's worker thread takes credit itself (`take`), so it can fetch
+    the next batch while the last is being written, and it waits a moment for
+    credit rather than give its thread back between batches.  Whatever credit
+    a child grants, at most `MAX_UNSENT_BATCHES` encoded batches wait for the
+    pipe: a child that stops reading cannot make the supervisor buffer the table.
+    """
 
     def __init__(self, open_msg: StreamOpen) -> None:
         self.open = open_msg
-        self.credit = open_msg.credit
         self.close_requested = False
+        self._cond = threading.Condition(threading.Lock())
+        self._credit = open_msg.credit
+        self._unsent = 0
         self._wake = trio.Event()
 
     def grant(self, n: int) -> None:
-        self.credit += n
+        with self._cond:
+            self._credit += n
+            self._cond.notify()
         self._wake.set()
 
-    async def take_credit(self) -> None:
-        while self.credit <= 0 and not self.close_requested:
+    def close(self) -> None:
+        with self._cond:
+            self.close_requested = True
+            self._cond.notify()
+        self._wake.set()
+
+    def sent(self) -> None:
+        """One batch went into the pipe."""
+        with self._cond:
+            self._unsent -= 1
+            self._cond.notify()
+        self._wake.set()
+
+    def take(self) -> bool:
+        """On the worker thread, before each fetch: may one more batch be produced?
+
+        Waits up to `CREDIT_WAIT_SECONDS` for a child that is merely busy; not
+        at all in a transaction, whose connection the step's other calls share.
+        """
+        wait = 0.0 if self.open.tx is not None else CREDIT_WAIT_SECONDS
+        with self._cond:
+            if not self._cond.wait_for(self._may_take, wait) or self.close_requested:
+                return False
+            self._credit -= 1
+            self._unsent += 1
+            return True
+
+    def _may_take(self) -> bool:
+        return self.close_requested or (self._credit > 0 and self._unsent < MAX_UNSENT_BATCHES)
+
+    async def ready(self) -> None:
+        """Until `take` would succeed at once, or the child closed the stream."""
+        while not self._may_take():
             self._wake = trio.Event()
             await self._wake.wait()
-        self.credit -= 1
 
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -763,6 +972,21 @@ def _rss(pid: int) -> int:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return 0
+
+
+def _output_lines(data: bytes) -> tuple[list[str], bytes]:
+    """Complete stdout/stderr lines in `data` and what is left; a line over MAX_OUTPUT_LINE comes in pieces."""
+    parts = data.split(b"\n")
+    rest = parts.pop()
+    lines = [
+        part[i : i + MAX_OUTPUT_LINE].decode("utf-8", "replace")
+        for part in parts
+        for i in range(0, len(part) or 1, MAX_OUTPUT_LINE)
+    ]
+    while len(rest) >= MAX_OUTPUT_LINE:  # no newline yet: the piece goes out rather than growing
+        lines.append(rest[:MAX_OUTPUT_LINE].decode("utf-8", "replace"))
+        rest = rest[MAX_OUTPUT_LINE:]
+    return lines, rest
 
 
 def _error(type_: str, message: str, traceback: str) -> dict[str, str]:

@@ -11,7 +11,6 @@ import array
 import json
 import os
 import socket
-import struct
 import subprocess
 import sys
 
@@ -20,7 +19,6 @@ import trio
 from .spawn import ChildHandle, child_pipes, reap_adopted
 
 _ZYGOTE_FD_ENV = "NOMAFLOW_ZYGOTE_FD"
-_SPARES_FD_ENV = "NOMAFLOW_ZYGOTE_SPARES_FD"
 _START_TIMEOUT = 30.0
 
 
@@ -37,31 +35,23 @@ class Zygote:
         self._next_id = 0
         self.pid: int | None = None
         self.restarts = 0
-        self._spares_r: int | None = None
-        self._spares: set[int] = set()
 
     async def _start(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        # The zygote forks each attempt ahead of its request (a "spare") and writes the
-        # spare's pid here, so that one left unused is reaped when the zygote stops.
-        spares_r, spares_w = os.pipe()
-        os.set_blocking(spares_r, False)
         try:
             self._process = await trio.lowlevel.open_process(
                 [sys.executable, "-s", "-P", "-m", "liberty.jobs.child.zygote"],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
-                pass_fds=(theirs.fileno(), spares_w),
-                env={**self._env, _ZYGOTE_FD_ENV: str(theirs.fileno()), _SPARES_FD_ENV: str(spares_w)},
+                pass_fds=(theirs.fileno(),),
+                env={**self._env, _ZYGOTE_FD_ENV: str(theirs.fileno())},
                 start_new_session=True,
             )
         except BaseException:
-            os.close(spares_r)
+            ours.close()
             raise
         finally:
             theirs.close()
-            os.close(spares_w)
-        self._spares_r = spares_r
         self._sock = trio.socket.from_stdlib_socket(ours)
         with trio.move_on_after(_START_TIMEOUT):
             hello = json.loads(await self._sock.recv(4096) or b"{}")
@@ -83,31 +73,6 @@ class Zygote:
                 await self._process.wait()
             self._process = None
         self.pid = None
-        await self._reap_spares()
-
-    def _read_spares(self) -> None:
-        if self._spares_r is None:
-            return
-        try:
-            data = os.read(self._spares_r, 65536)
-        except BlockingIOError:
-            return
-        for (pid,) in struct.iter_unpack("i", data[: len(data) - len(data) % 4]):
-            self._spares.add(pid)
-
-    async def _reap_spares(self) -> None:
-        """The zygote is gone, so its unused spare sees EOF and exits; reap it (we are its subreaper)."""
-        self._read_spares()
-        if self._spares_r is not None:
-            os.close(self._spares_r)
-            self._spares_r = None
-        for pid in list(self._spares):
-            with trio.move_on_after(5):
-                try:
-                    await reap_adopted(pid)
-                except ChildProcessError:
-                    pass
-            self._spares.discard(pid)
 
     async def aclose(self) -> None:
         async with self._lock:
@@ -162,8 +127,6 @@ class Zygote:
                 raise ZygoteError("the zygote died while forking an attempt")
             reply = json.loads(raw)
             if "pid" in reply and isinstance(reply["pid"], int) and reply.get("id") == self._next_id:
-                self._read_spares()
-                self._spares.discard(reply["pid"])  # handed out: its session reaps it
                 return reply["pid"]
             raise ZygoteError(f"the zygote could not fork: {reply.get('error', reply)}")
         raise ZygoteError("unreachable")

@@ -1,0 +1,274 @@
+"""Warm spares: attempt processes prepared before the request that will use them.
+
+Preparing an attempt (fork from the zygote, its own cgroup, the sandbox
+sealed, the plugins path and the event loop set up) takes milliseconds and
+does not depend on the step, only on its limits.  The pool does that work in
+the background for the limits the latest start asked for, so that a start
+just sends `start` to a child already waiting in its sandbox.  The plugin
+itself is still imported fresh after `start`.
+
+A spare whose preparation fails is dropped and that start goes cold, which
+reports the same failure on the step the usual way; after a few failures in a
+row the pool stops trying for those limits.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import shutil
+import signal
+import tempfile
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import attrs
+import trio
+
+from ..config import Limits
+from ..errors import ProtocolError
+from ..protocol import DEFAULT_MAX_LINE, PROTOCOL_VERSION, LineSplitter, Prepare, Prepared, Ready, decode_child_message, encode
+from .cgroups import AttemptCgroup, CgroupError
+from .containment import Containment, sandbox_problem
+from .spawn import ChildHandle, child_environment
+
+_log = logging.getLogger(__name__)
+
+PREPARE_TIMEOUT = 30.0
+MAX_FAILURES = 3
+CLAIM_WAIT = 0.25  # a start waits this long at most for the spare being prepared
+
+StartChild = Callable[..., Awaitable[ChildHandle]]
+
+
+class PrepareError(Exception):
+    """A spare could not be prepared; the start that wanted it goes cold."""
+
+
+@attrs.define(eq=False)
+class PreparedChild:
+    """A started attempt process, contained and sealed, waiting for its `start` message."""
+
+    child: ChildHandle
+    workdir: str
+    token: str
+    group: AttemptCgroup | None
+    report: dict[str, Any] | None
+
+
+def limits_key(limits: Limits) -> str:
+    return json.dumps(attrs.asdict(limits), sort_keys=True)
+
+
+async def prepare_child(
+    *,
+    start_child: StartChild,
+    containment: Containment,
+    plugins: str,
+    limits: Limits,
+    name: str,
+    making: set[PreparedChild] | None = None,
+) -> PreparedChild:
+    """Start a child, contain it, have it seal itself; every failure is a `PrepareError` with nothing left behind.
+
+    `making` holds the child while it is being prepared, so its owner can tell its process apart.
+    """
+    token = uuid.uuid4().hex
+    workdir = tempfile.mkdtemp(prefix="nomaflow-step-")
+    try:
+        child = await start_child(workdir=workdir, env=child_environment(workdir=workdir, token=token))
+    except OSError as exc:
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise PrepareError(f"could not start the child: {exc}") from exc
+    spare = PreparedChild(child=child, workdir=workdir, token=token, group=None, report=None)
+    if making is not None:
+        making.add(spare)
+    try:
+        spare.group = await trio.to_thread.run_sync(containment.contain, f"{name}-{token[:8]}", child.pid, limits)
+        spec = containment.sandbox_spec(limits, workdir)
+        await child.to_child.send_all(encode(Prepare(plugins=plugins, sandbox=spec)))
+        with trio.fail_after(PREPARE_TIMEOUT):
+            ready, prepared = await _first_two(child)
+        if not isinstance(ready, Ready) or ready.version != PROTOCOL_VERSION or ready.pid != child.pid:
+            raise PrepareError(f"bad handshake from the child: {ready!r:.200}")
+        if not isinstance(prepared, Prepared):
+            raise PrepareError(f"expected 'prepared', got {type(prepared).__name__}")
+        if (prepared.report is None) != (spec is None):
+            raise PrepareError("the sandbox report does not match the request")
+        problem = sandbox_problem(prepared.report) if prepared.report is not None else None
+        if problem:
+            raise PrepareError(f"the sandbox could not be applied: {problem}")
+        spare.report = prepared.report
+        return spare
+    except (PrepareError, ProtocolError, CgroupError, OSError, ValueError, trio.TooSlowError,
+            trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+        await dispose(spare, containment)
+        if isinstance(exc, PrepareError):
+            raise
+        raise PrepareError(f"{type(exc).__name__}: {exc}") from exc
+    except BaseException:
+        await dispose(spare, containment)
+        raise
+    finally:
+        if making is not None:
+            making.discard(spare)
+
+
+async def _first_two(child: ChildHandle) -> tuple[Any, Any]:
+    """The child's first two messages, and nothing after them (it says nothing more before `start`)."""
+    splitter = LineSplitter(DEFAULT_MAX_LINE)
+    lines: list[bytes] = []
+    while len(lines) < 2:
+        data = await child.from_child.receive_some(65536)
+        if not data:
+            raise PrepareError("the child exited while being prepared")
+        lines.extend(splitter.feed(data))
+    if len(lines) > 2:
+        raise PrepareError("the child sent more than 'ready' and 'prepared' before 'start'")
+    return decode_child_message(lines[0]), decode_child_message(lines[1])
+
+
+def is_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
+    except (OSError, IndexError):
+        return False
+
+
+async def dispose(spare: PreparedChild, containment: Containment) -> None:
+    """Kill, reap and clean up a spare that will not run a step (no plugin code ever ran in it)."""
+    with trio.CancelScope(shield=True):  # cleanup: nothing may be left half done
+        if spare.group is not None:
+            spare.group.kill()
+        try:
+            os.kill(spare.child.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        try:
+            await spare.child.wait()
+        except ChildProcessError as exc:
+            _log.warning("could not reap spare %s: %s", spare.child.pid, exc)
+        await spare.child.aclose()
+        if spare.group is not None:
+            await containment.release(spare.group)
+        shutil.rmtree(spare.workdir, ignore_errors=True)
+
+
+class SparePool:
+    """Keeps `size` prepared children for the limits most recently asked for."""
+
+    def __init__(self, *, start_child: StartChild, containment: Containment, plugins: str, size: int = 1) -> None:
+        self._start_child = start_child
+        self._containment = containment
+        self._plugins = plugins
+        self.size = size
+        self._ready: dict[str, collections.deque[PreparedChild]] = {}
+        self._preparing: collections.Counter[str] = collections.Counter()
+        self._want: str | None = None  # the key of the limits the latest start asked for
+        self._want_limits = Limits()
+        self._failures = 0  # in a row, for the wanted limits
+        self._wake = trio.Event()
+        self._prepared = trio.Event()
+        self._waiting = False
+        self._making: set[PreparedChild] = set()
+        self._nursery: trio.Nursery | None = None
+        self.hits = 0
+        self.misses = 0
+
+    def pids(self) -> set[int]:
+        """The processes of every spare, waiting or being prepared."""
+        return {s.child.pid for q in self._ready.values() for s in q} | {s.child.pid for s in self._making}
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The filler; runs in the supervisor's service nursery until cancelled, then disposes of every spare."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                while True:
+                    await self._wake.wait()
+                    self._wake = trio.Event()
+                    key = self._want
+                    while key is not None and self._wanted(key):  # up to `size` prepared at once
+                        self._preparing[key] += 1
+                        nursery.start_soon(self._fill_one, key, self._want_limits)
+        finally:
+            self._nursery = None
+            with trio.CancelScope(shield=True):
+                for queue in self._ready.values():
+                    while queue:
+                        await dispose(queue.popleft(), self._containment)
+
+    def _wanted(self, key: str) -> bool:
+        have = len(self._ready.get(key, ())) + self._preparing[key]
+        return have < self.size and self._failures < MAX_FAILURES
+
+    async def _fill_one(self, key: str, limits: Limits) -> None:
+        try:
+            spare = await prepare_child(
+                start_child=self._start_child,
+                containment=self._containment,
+                plugins=self._plugins,
+                limits=limits,
+                name="spare",
+                making=self._making,
+            )
+        except PrepareError as exc:
+            if key == self._want:
+                self._failures += 1
+                if self._failures == MAX_FAILURES:
+                    _log.warning("no warm spares for these limits after %d failures in a row; the last: %s", MAX_FAILURES, exc)
+            return
+        finally:
+            self._preparing[key] -= 1
+            if not self._preparing[key]:
+                del self._preparing[key]
+            self._prepared.set()
+            self._prepared = trio.Event()
+        if key == self._want:
+            self._failures = 0
+        if key != self._want or self._nursery is None:
+            await dispose(spare, self._containment)
+            return
+        self._ready.setdefault(key, collections.deque()).append(spare)
+
+    async def claim(self, limits: Limits) -> PreparedChild | None:
+        """A prepared child for these limits, or None (then start cold); asks for the next one."""
+        if self.size <= 0 or self._nursery is None:
+            return None
+        key = limits_key(limits)
+        if key != self._want:
+            self._want, self._want_limits, self._failures = key, limits, 0
+            for other in [k for k in self._ready if k != key]:
+                for spare in self._ready.pop(other):
+                    self._nursery.start_soon(dispose, spare, self._containment)
+        spare = self._take(key)
+        if spare is None and self._preparing.get(key) and not self._waiting:
+            # One in the making is nearer than a cold start; one start waits for it.
+            self._waiting = True
+            try:
+                with trio.move_on_after(CLAIM_WAIT):
+                    await self._prepared.wait()
+            finally:
+                self._waiting = False
+            spare = self._take(key)
+        self._wake.set()
+        if spare is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+        return spare
+
+    def _take(self, key: str) -> PreparedChild | None:
+        queue = self._ready.get(key)
+        while queue:
+            spare = queue.popleft()
+            if is_alive(spare.child.pid):
+                return spare
+            assert self._nursery is not None
+            self._nursery.start_soon(dispose, spare, self._containment)
+        return None

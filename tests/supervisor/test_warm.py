@@ -1,0 +1,172 @@
+"""Warm spares: attempts prepared ahead of the request, sealed before the step is known."""
+
+from __future__ import annotations
+
+import os
+import signal
+import textwrap
+from pathlib import Path
+
+import pytest
+import trio
+
+from liberty.jobs import Job, Limits, Step, Supervisor
+from liberty.jobs.errors import ConfigError
+from liberty.jobs.supervisor.warm import SparePool
+
+from supervisor_helpers import gone
+
+pytestmark = [pytest.mark.trio, pytest.mark.timeout(60)]
+
+PROBES = '''
+import os
+
+
+def whoami(ctx, **_):
+    with open("/proc/self/cgroup") as f:
+        cgroup = f.read()
+    return {"pid": os.getpid(), "cwd": os.getcwd(), "cgroup": cgroup, "version": 1}
+'''
+
+
+@pytest.fixture
+def plugins(tmp_path: Path) -> Path:
+    path = tmp_path / "plugins"
+    path.mkdir()
+    (path / "probes.py").write_text(PROBES)
+    return path
+
+
+def job(limits: Limits | None = None) -> Job:
+    return Job(name="warm", steps=[Step(name="s", python="probes:whoami", limits=limits or Limits())])
+
+
+def output(run: object) -> dict:
+    assert run.status == "SUCCEEDED", run.steps[0].error  # type: ignore[attr-defined]
+    return run.steps[0].output  # type: ignore[attr-defined]
+
+
+def pool(sup: Supervisor) -> SparePool:
+    assert sup._spares is not None
+    return sup._spares
+
+
+async def waiting_spares(sup: Supervisor, n: int = 1) -> set[int]:
+    """The pids of the spares once `n` are prepared and waiting."""
+    with trio.fail_after(20):
+        while len(pool(sup).pids()) < n or pool(sup)._making:
+            await trio.sleep(0.01)
+    return pool(sup).pids()
+
+
+def status_of(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/status") as f:
+        return {k: v.strip() for k, v in (line.split(":", 1) for line in f)}
+
+
+async def test_the_default_is_two_spares_prepared_ahead(plugins: Path) -> None:
+    async with Supervisor(plugins=plugins, history=":memory:") as sup:
+        output(await sup.run(job()))
+        assert len(await waiting_spares(sup, 2)) == 2
+
+
+async def test_the_next_run_starts_in_the_spare_prepared_ahead(plugins: Path) -> None:
+    async with Supervisor(plugins=plugins, history=":memory:", spares=1) as sup:
+        output(await sup.run(job()))
+        [spare] = await waiting_spares(sup)
+        hits = pool(sup).hits
+        assert output(await sup.run(job()))["pid"] == spare
+        assert pool(sup).hits == hits + 1
+
+
+async def test_a_waiting_spare_is_already_contained_and_sealed(plugins: Path) -> None:
+    async with Supervisor(plugins=plugins, history=":memory:", spares=1) as sup:
+        output(await sup.run(job()))
+        [spare] = await waiting_spares(sup)
+        status = status_of(spare)
+        with open(f"/proc/{spare}/cgroup") as f:
+            cgroup = f.read()
+        result = output(await sup.run(job()))
+    assert status["NoNewPrivs"] == "1" and int(status["CapEff"], 16) == 0
+    assert "att-spare-" in cgroup and result["cgroup"] == cgroup  # the step runs in the cgroup it waited in
+
+
+async def test_an_edit_made_while_a_spare_waits_is_picked_up(plugins: Path) -> None:
+    async with Supervisor(plugins=plugins, history=":memory:", spares=1) as sup:
+        assert output(await sup.run(job()))["version"] == 1
+        [spare] = await waiting_spares(sup)
+        (plugins / "probes.py").write_text(PROBES.replace('"version": 1', '"version": 2'))
+        result = output(await sup.run(job()))
+    assert (result["pid"], result["version"]) == (spare, 2)
+
+
+async def test_unused_spares_are_killed_and_cleaned_up_when_the_supervisor_stops(plugins: Path) -> None:
+    async with Supervisor(plugins=plugins, history=":memory:", spares=2) as sup:
+        output(await sup.run(job()))
+        spares = await waiting_spares(sup, 2)
+        workdirs = [os.readlink(f"/proc/{pid}/cwd") for pid in spares]
+        manager = sup.containment.cgroups
+        assert manager is not None and manager.enabled
+        groups = [p for h in manager.support.hierarchies if (root := manager.root(h.role)) for p in root.glob("att-spare-*")]
+        assert groups and all(Path(w).is_dir() for w in workdirs)
+    assert all(gone(pid) for pid in spares)
+    for pid in spares:
+        with pytest.raises(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)  # reaped by the supervisor, not left as a zombie of ours
+    assert not any(g.exists() for g in groups) and not any(Path(w).exists() for w in workdirs)
+
+
+async def test_a_step_with_other_limits_starts_cold_and_the_spares_follow_its_limits(plugins: Path) -> None:
+    other = Limits(max_open_files=100)
+    async with Supervisor(plugins=plugins, history=":memory:", spares=1) as sup:
+        output(await sup.run(job()))
+        [old] = await waiting_spares(sup)
+        assert output(await sup.run(job(other)))["pid"] != old
+        with trio.fail_after(10):
+            while not gone(old):
+                await trio.sleep(0.01)
+        [new] = await waiting_spares(sup)
+        assert output(await sup.run(job(other)))["pid"] == new
+
+
+async def test_a_spare_that_died_while_waiting_is_not_used(plugins: Path) -> None:
+    async with Supervisor(plugins=plugins, history=":memory:", spares=1) as sup:
+        output(await sup.run(job()))
+        [spare] = await waiting_spares(sup)
+        os.kill(spare, signal.SIGKILL)
+        with trio.fail_after(10):
+            while not gone(spare):
+                await trio.sleep(0.01)
+        assert output(await sup.run(job()))["pid"] != spare
+
+
+async def test_a_spare_is_never_shared_by_two_steps(plugins: Path) -> None:
+    async with Supervisor(plugins=plugins, history=":memory:") as sup:
+        handles = [await sup.start(job()) for _ in range(6)]
+        pids = [output(await h.wait())["pid"] for h in handles]
+    assert len(set(pids)) == len(pids)
+
+
+async def test_spares_zero_turns_them_off(plugins: Path) -> None:
+    async with Supervisor(plugins=plugins, history=":memory:", spares=0) as sup:
+        output(await sup.run(job()))
+        await trio.sleep(0.2)
+        assert sup._spares is None and sup._live_pids() <= {sup._zygote.pid if sup._zygote else -1}
+
+
+async def test_a_negative_spares_count_is_refused(plugins: Path) -> None:
+    with pytest.raises(ConfigError, match="spares"):
+        Supervisor(plugins=plugins, history=":memory:", spares=-1)
+
+
+async def test_a_spare_that_cannot_be_sealed_is_dropped_and_the_cold_start_reports_why(plugins: Path) -> None:
+    # A writable path that cannot exist makes sealing fail: the pool gives up on those
+    # limits and every run fails with reason `sandbox`, saying why, instead of running unsealed.
+    bad = Limits(writable=["/proc/nomaflow-cannot-exist"])
+    async with Supervisor(plugins=plugins, history=":memory:") as sup:
+        runs = [await sup.run(job(bad)) for _ in range(3)]
+    for run in runs:
+        error = run.steps[0].error
+        assert (run.status, error["reason"], error["type"]) == ("FAILED", "sandbox", "SandboxError"), error
+        assert "/proc/nomaflow-cannot-exist" in error["message"]
+    assert pool(sup).hits == 0
