@@ -87,7 +87,7 @@ async def prepare_child(
     if making is not None:
         making.add(spare)
     try:
-        spare.group = await trio.to_thread.run_sync(containment.contain, f"{name}-{token[:8]}", child.pid, limits)
+        spare.group = containment.contain(f"{name}-{token[:8]}", child.pid, limits)
         spec = containment.sandbox_spec(limits, workdir)
         await child.to_child.send_all(encode(Prepare(plugins=plugins, sandbox=spec)))
         with trio.fail_after(PREPARE_TIMEOUT):
