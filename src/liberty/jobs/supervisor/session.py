@@ -11,7 +11,6 @@ child sends can raise out of here: every failure becomes the attempt's outcome.
 from __future__ import annotations
 
 import collections
-import fcntl
 import functools
 import json
 import math
@@ -80,7 +79,6 @@ STDERR_TAIL_LINES = 20
 USAGE_INTERVAL = 1.0
 MAX_OUTPUT_DEPTH = 64
 STACK_DUMP_WAIT = 0.5
-STREAM_PIPE_BYTES = 1024 * 1024
 MAX_UNSENT_BATCHES = 4
 CREDIT_WAIT_SECONDS = 0.05
 
@@ -667,7 +665,6 @@ class AttemptSession:
                 stream.open.batch_size,
                 tx=stream.open.tx,
             )
-            self._widen_pipe()
             failure: Exception | None = None
             finished = False
             send_line, lines = trio.open_memory_channel[bytes](math.inf)  # bounded by `_ServedStream.take`
@@ -709,22 +706,6 @@ class AttemptSession:
             async for line in lines:
                 await self._send_bytes(line)
                 stream.sent()
-
-    def _widen_pipe(self) -> None:
-        """Room for a few whole batches in the pipe, so the next fetch overlaps the child's reading.
-
-        A batch is a line of ~100 KB; in the default 64 KiB pipe every batch
-        would wait on the child's reader thread, which waits on its GIL.
-        """
-        if self._pipe_widened or self._child_stream is None:
-            return
-        self._pipe_widened = True
-        try:
-            fcntl.fcntl(self._child_stream.fileno(), fcntl.F_SETPIPE_SZ, STREAM_PIPE_BYTES)
-        except OSError:
-            pass  # over /proc/sys/fs/pipe-max-size, or the pipe is gone: slower, not wrong
-
-    _pipe_widened = False
 
     # -- output, usage, exit ---------------------------------------------
 
