@@ -259,7 +259,7 @@ def test_settings_warm_spares_out_of_range_names_file_key_and_range(tmp_path: Pa
     path = write(tmp_path, "warm_spares = -1\n", "nomaflow.toml")
     with pytest.raises(ConfigError) as info:
         Settings.load(path)
-    assert info.value.key == "warm_spares" and str(path) in str(info.value) and "between 0" in str(info.value)
+    assert info.value.key == "warm_spares" and str(path) in str(info.value) and "from 0 (off) to 64" in str(info.value)
 
 
 def test_settings_warm_spares_zero_is_allowed(tmp_path: Path) -> None:

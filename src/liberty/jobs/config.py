@@ -96,7 +96,7 @@ class Settings:
     def __attrs_post_init__(self) -> None:
         if not 0 <= self.warm_spares <= MAX_WARM_SPARES:
             raise ConfigError(
-                f"warm_spares must be between 0 (off) and {MAX_WARM_SPARES}, got {self.warm_spares}", key="warm_spares"
+                f"must be a whole number from 0 (off) to {MAX_WARM_SPARES}, got {self.warm_spares}", key="warm_spares"
             )
 
     @classmethod
