@@ -148,11 +148,13 @@ def encode(message: ChildMessage | ParentMessage, *, max_line: int = DEFAULT_MAX
         data = "".join(_ENCODE_VALUE(obj, 0)).encode("utf-8")
     except (TypeError, ValueError, RecursionError, KeyError) as exc:
         raise ProtocolError(f"cannot encode {type(message).__name__}: {exc}") from None
-    if len(data) + 1 > max_line:
-        raise ProtocolError(
-            f"{type(message).__name__} message is {len(data) + 1} bytes, over the {max_line}-byte line cap"
-        )
+    _check_cap(len(data) + 1, type(message).__name__, max_line)
     return data + b"\n"
+
+
+def _check_cap(size: int, what: str, max_line: int) -> None:
+    if size > max_line:
+        raise ProtocolError(f"{what} message is {size} bytes, over the {max_line}-byte line cap")
 
 
 def encode_log(level: str, message: str, *, max_line: int = DEFAULT_MAX_LINE) -> bytes:
@@ -169,8 +171,7 @@ def _log_line(level: Any, message: Any, max_line: int) -> bytes | None:
         data = f'{{"level":"{level}","message":{_json_string(message)},"t":"log"}}\n'.encode("utf-8")
     except UnicodeEncodeError as exc:  # a lone surrogate
         raise ProtocolError(f"cannot encode Log: {exc}") from None
-    if len(data) > max_line:
-        raise ProtocolError(f"Log message is {len(data)} bytes, over the {max_line}-byte line cap")
+    _check_cap(len(data), "Log", max_line)
     return data
 
 
@@ -183,8 +184,7 @@ def encode_reply(call_id: int, value: Any, *, max_line: int = DEFAULT_MAX_LINE) 
         line = data.encode("utf-8")
     except (TypeError, ValueError, RecursionError, UnicodeEncodeError) as exc:
         raise ProtocolError(f"cannot encode Reply: {exc}") from None
-    if len(line) > max_line:
-        raise ProtocolError(f"Reply message is {len(line)} bytes, over the {max_line}-byte line cap")
+    _check_cap(len(line), "Reply", max_line)
     return line
 
 
@@ -209,8 +209,7 @@ def encode_rows_blob(message: Rows, blob: bytes, *, max_line: int = DEFAULT_MAX_
         raise ProtocolError("a rows blob goes in as base64 bytes, into a message without one")
     head = encode(message, max_line=max_line)
     cut = head.index(b'"blob":""') + len(b'"blob":"')  # once: other fields' quotes are escaped
-    if len(head) + len(blob) > max_line:
-        raise ProtocolError(f"Rows message is {len(head) + len(blob)} bytes, over the {max_line}-byte line cap")
+    _check_cap(len(head) + len(blob), "Rows", max_line)
     return b"".join((head[:cut], blob, head[cut:]))
 
 

@@ -23,7 +23,7 @@ from ..config import Limits
 from ..sandbox import SandboxSpec, default_readable
 from ..sandbox.prctl import set_dumpable
 from .cgroups import AttemptCgroup, CgroupManager
-from .processes import direct_children
+from .processes import direct_children, stat_fields
 
 _log = logging.getLogger(__name__)
 
@@ -120,16 +120,16 @@ def reap_zombies_from(cgroup_name: str) -> int:
     """
     reaped = 0
     for pid in direct_children():
+        fields = stat_fields(pid)
+        if not fields or fields[0] != b"Z":
+            continue
         try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                if f.read().rsplit(b")", 1)[1].split()[0] != b"Z":
-                    continue
             with open(f"/proc/{pid}/cgroup") as f:
                 if not any(line.rstrip().removesuffix(" (deleted)").endswith("/" + cgroup_name) or f"/{cgroup_name}/" in line for line in f):
                     continue
             if os.waitpid(pid, os.WNOHANG)[0] == pid:
                 reaped += 1
-        except (OSError, IndexError, ChildProcessError):
+        except (OSError, ChildProcessError):
             continue
     return reaped
 

@@ -39,13 +39,7 @@ class LogSink:
         self._check_open()
         for listener in self._listeners:
             listener(line)
-        cost = len(line.message) + _LINE_OVERHEAD
-        while self._in_flight and self._in_flight + cost > BUDGET_BYTES:  # `_admit`, inline: one line is hot too
-            await self._drained.wait()
-        self._queue.append(log_row(line))
-        self._queued_cost += cost
-        self._in_flight += cost
-        self._wake.set()
+        await self._admit([log_row(line)], len(line.message) + _LINE_OVERHEAD)
 
     async def put_lines(
         self, run_id: str, step: str | None, attempt: int | None, stream: str, entries: list[tuple[str, str]]

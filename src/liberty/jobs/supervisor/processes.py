@@ -53,6 +53,18 @@ def tree_pids(pid: int) -> list[int]:
     return out
 
 
+def stat_fields(pid: int) -> list[bytes] | None:
+    """/proc/<pid>/stat after the command name (state first, as `proc(5)` numbers from 3); None if gone.
+
+    Still readable for a zombie; the name is cut at its last ")" since it may hold spaces.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
 def _processes(pids: Iterable[int]) -> list[psutil.Process]:
     out = []
     for pid in pids:

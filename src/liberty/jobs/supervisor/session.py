@@ -33,7 +33,6 @@ from ..errors import ProtocolError
 from ..protocol.values import BatchBuilder, decode_value, encode_exception, encode_value
 from ..protocol import (
     DEFAULT_MAX_LINE,
-    PROTOCOL_VERSION,
     Call,
     Cancel,
     ChildMessage,
@@ -44,7 +43,6 @@ from ..protocol import (
     ParentMessage,
     Prepare,
     Prepared,
-    Ready,
     Reply,
     Rows,
     Start,
@@ -56,11 +54,11 @@ from ..protocol import (
 )
 from ..protocol.codec import encode_reply, encode_rows_blob, split_log
 from ..types import Reason, Status
-from .processes import kill_tree, signal_name, tree_pids
+from .processes import kill_tree, signal_name, stat_fields, tree_pids
 from .cgroups import AttemptCgroup, CgroupError
 from .containment import Containment, sandbox_gaps, sandbox_problem
 from .spawn import ChildHandle, child_environment, spawn_child
-from .warm import PreparedChild
+from .warm import PreparedChild, prepared_problem, ready_problem
 
 Emit = Callable[[str, str, str], Awaitable[None]]
 """(level, stream, message) -> appended to the run log; may apply backpressure."""
@@ -108,7 +106,7 @@ class AttemptSession:
         start: Start,
         step: Step,
         emit: Emit,
-        emit_many: EmitMany | None = None,
+        emit_many: EmitMany,
         cancel: trio.Event,
         connectors: Any | None = None,
         spare_pids: Callable[[], set[int]] = set,
@@ -135,8 +133,7 @@ class AttemptSession:
         self._send_broken = False
         self._ready = trio.Event()
         self._prepared = trio.Event()  # the child reported its sandbox and waits for `start`
-        self._prepare_msg = Prepare(plugins=plugins)
-        self._plugins = plugins
+        self._prepare_msg = Prepare(plugins=plugins)  # cold start: its sandbox is filled in by `run`
         self._settled = trio.Event()
         self._exited = trio.Event()
         self._protocol_eof = trio.Event()
@@ -199,7 +196,7 @@ class AttemptSession:
                         except OSError as exc:
                             self._refuse(Reason.SANDBOX, "SandboxError", f"could not prepare the step's sandbox: {exc}")
                         await self._contain(child)
-                    self._prepare_msg = Prepare(plugins=self._plugins, sandbox=sandbox)
+                    self._prepare_msg = attrs.evolve(self._prepare_msg, sandbox=sandbox)
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._pump_output, child.stdout, "stdout")
                     nursery.start_soon(self._pump_output, child.stderr, "stderr")
@@ -474,21 +471,18 @@ class AttemptSession:
 
     async def _handle(self, msg: ChildMessage, nursery: trio.Nursery) -> None:
         if not self._ready.is_set():
-            if not isinstance(msg, Ready):
-                return self._protocol_violation(f"expected 'ready' first, got {type(msg).__name__.lower()}")
-            if msg.version != PROTOCOL_VERSION:
-                return self._protocol_violation(f"child speaks protocol {msg.version}, supervisor {PROTOCOL_VERSION}")
-            if msg.pid != self.pid:
-                return self._protocol_violation(f"'ready' claims pid {msg.pid}, the child is pid {self.pid}")
+            assert self.pid is not None
+            problem = ready_problem(msg, self.pid)
+            if problem:
+                return self._protocol_violation(problem)
             self._ready.set()
             return None
         if self._result is not None:
             return self._protocol_violation(f"{type(msg).__name__.lower()} message after the step's result")
         if not self._prepared.is_set():
-            if not isinstance(msg, Prepared):
-                return self._protocol_violation(f"expected 'prepared' after ready, got {type(msg).__name__.lower()}")
-            if (msg.report is None) != (self._prepare_msg.sandbox is None):
-                return self._protocol_violation("'prepared' report does not match the sandbox asked for")
+            problem = prepared_problem(msg, sandbox_asked=self._prepare_msg.sandbox is not None)
+            if problem:
+                return self._protocol_violation(problem)
             await self._accept_report(msg.report)
             self._prepared.set()
             return None
@@ -738,11 +732,8 @@ class AttemptSession:
             kept += 1
         self._log_bytes = self._log_cap - room
         taken = entries if kept == len(entries) else entries[:kept]
-        if taken and self._emit_many is not None:
+        if taken:
             await self._emit_many(stream, taken)
-        elif taken:
-            for level, message in taken:
-                await self._emit_raw(level, stream, message)
         for level, message in entries[kept:]:
             await self._log(level, stream, message)  # past the cap: dropped and counted (or a smaller one fits)
 
@@ -798,13 +789,12 @@ class AttemptSession:
 
     def _sample_cpu(self, pid: int) -> None:
         """utime+stime+cutime+cstime from /proc/<pid>/stat (still readable while a zombie)."""
+        fields = stat_fields(pid)
         try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-            ticks = sum(int(x) for x in fields[11:15])
-            self._cpu_s = max(self._cpu_s, ticks / _CLK_TCK)
-        except (OSError, ValueError, IndexError):
-            pass
+            ticks = sum(int(x) for x in fields[11:15]) if fields else 0
+        except ValueError:
+            return
+        self._cpu_s = max(self._cpu_s, ticks / _CLK_TCK)
 
     async def _sample_usage(self, pid: int) -> None:
         """Peak memory, CPU and process count, sampled cheaply (fast at first, then every second)."""

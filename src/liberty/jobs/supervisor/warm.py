@@ -33,6 +33,7 @@ from ..errors import ProtocolError
 from ..protocol import DEFAULT_MAX_LINE, PROTOCOL_VERSION, LineSplitter, Prepare, Prepared, Ready, decode_child_message, encode
 from .cgroups import AttemptCgroup, CgroupError
 from .containment import Containment, sandbox_problem
+from .processes import stat_fields
 from .spawn import ChildHandle, child_environment
 
 _log = logging.getLogger(__name__)
@@ -92,12 +93,9 @@ async def prepare_child(
         await child.to_child.send_all(encode(Prepare(plugins=plugins, sandbox=spec)))
         with trio.fail_after(PREPARE_TIMEOUT):
             ready, prepared = await _first_two(child)
-        if not isinstance(ready, Ready) or ready.version != PROTOCOL_VERSION or ready.pid != child.pid:
-            raise PrepareError(f"bad handshake from the child: {ready!r:.200}")
-        if not isinstance(prepared, Prepared):
-            raise PrepareError(f"expected 'prepared', got {type(prepared).__name__}")
-        if (prepared.report is None) != (spec is None):
-            raise PrepareError("the sandbox report does not match the request")
+        problem = ready_problem(ready, child.pid) or prepared_problem(prepared, sandbox_asked=spec is not None)
+        if problem:
+            raise PrepareError(f"bad handshake from the child: {problem}")
         problem = sandbox_problem(prepared.report) if prepared.report is not None else None
         if problem:
             raise PrepareError(f"the sandbox could not be applied: {problem}")
@@ -117,6 +115,26 @@ async def prepare_child(
             making.discard(spare)
 
 
+def ready_problem(msg: Any, pid: int) -> str | None:
+    """What is wrong with a child's first message (it must be `ready`), or None."""
+    if not isinstance(msg, Ready):
+        return f"expected 'ready' first, got {type(msg).__name__.lower()}"
+    if msg.version != PROTOCOL_VERSION:
+        return f"child speaks protocol {msg.version}, supervisor {PROTOCOL_VERSION}"
+    if msg.pid != pid:
+        return f"'ready' claims pid {msg.pid}, the child is pid {pid}"
+    return None
+
+
+def prepared_problem(msg: Any, *, sandbox_asked: bool) -> str | None:
+    """What is wrong with the child's answer to `prepare`, or None (the report itself is judged apart)."""
+    if not isinstance(msg, Prepared):
+        return f"expected 'prepared' after ready, got {type(msg).__name__.lower()}"
+    if (msg.report is None) == sandbox_asked:
+        return "'prepared' report does not match the sandbox asked for"
+    return None
+
+
 async def _first_two(child: ChildHandle) -> tuple[Any, Any]:
     """The child's first two messages, and nothing after them (it says nothing more before `start`)."""
     splitter = LineSplitter(DEFAULT_MAX_LINE)
@@ -132,11 +150,8 @@ async def _first_two(child: ChildHandle) -> tuple[Any, Any]:
 
 
 def is_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
-    except (OSError, IndexError):
-        return False
+    fields = stat_fields(pid)
+    return bool(fields) and fields[0] not in (b"Z", b"X")
 
 
 async def dispose(spare: PreparedChild, containment: Containment) -> None:
