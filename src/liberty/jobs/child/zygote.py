@@ -4,8 +4,9 @@ It imports asyncio and the child runtime and nothing else: no plugin, no
 connector, no credential, no supervisor state.  It runs no threads, so a fork
 is safe.  Each request arrives on a SOCK_SEQPACKET control socket with four
 file descriptors (protocol in/out, stdout, stderr) passed by SCM_RIGHTS; the
-zygote double-forks so the attempt re-parents to the supervisor (a child
-subreaper) which then waits for it like any child of its own.  Forking ahead
+attempt is made the supervisor's own child (`forking.py`: one clone with
+CLONE_PARENT, or a double fork where that is unavailable), which then waits
+for it like any child of its own.  Forking ahead
 of the request is the supervisor's business (`supervisor/warm.py`): it
 prepares whole attempts, sandbox included, not just processes.
 """
@@ -19,13 +20,12 @@ import json
 import os
 import random
 import socket
-import struct
-from collections.abc import Callable
 
 from . import channel as _channel  # noqa: F401
 from . import context as _context  # noqa: F401
 from . import loader as _loader  # noqa: F401
 from . import runtime
+from .forking import SiblingForker
 from .. import sandbox as _sandbox  # noqa: F401
 
 ZYGOTE_FD_ENV = "NOMAFLOW_ZYGOTE_FD"
@@ -37,11 +37,12 @@ def main() -> None:
     fd = int(os.environ.pop(ZYGOTE_FD_ENV))
     sock = socket.socket(fileno=fd)
     _set_name("nomaflow-zygote")
+    forker = SiblingForker()
     # Everything imported so far lives as long as the zygote: out of the collector's
     # reach, so a collection in an attempt does not touch (and copy) these pages.
     gc.freeze()
     try:
-        sock.send(json.dumps({"ready": True, "pid": os.getpid()}).encode())
+        sock.send(json.dumps({"ready": True, "pid": os.getpid(), "fork": forker.method, "why": forker.why}).encode())
     except OSError:
         os._exit(0)  # the supervisor gave up on this start (cancelled or gone)
     while True:
@@ -56,7 +57,7 @@ def main() -> None:
             request = json.loads(data)
             if len(fds) != _NFDS:
                 raise ValueError(f"expected {_NFDS} descriptors, got {len(fds)}")
-            reply = {"id": request.get("id"), "pid": _fork_attempt(sock, request, fds)}
+            reply = {"id": request.get("id"), "pid": _fork_attempt(forker, sock, request, fds)}
         except (ValueError, OSError) as exc:
             reply = {"id": None, "error": f"{type(exc).__name__}: {exc}"}
         finally:
@@ -87,34 +88,11 @@ def _set_name(name: str) -> None:
         pass  # cosmetic: a process keeps its inherited name
 
 
-def _fork_attempt(sock: socket.socket, request: dict, fds: list[int]) -> int:
-    return _double_fork(lambda: _become_attempt(sock, request, fds))
-
-
-def _double_fork(become: Callable[[], None]) -> int:
-    """Fork twice so the process re-parents to the supervisor (a subreaper); return its pid."""
-    report_r, report_w = os.pipe()
-    middle = os.fork()
-    if middle == 0:
-        try:
-            os.close(report_r)
-            _set_name("nomaflow-fork")
-            pid = os.fork()
-            if pid == 0:
-                os.close(report_w)
-                become()
-            os.write(report_w, struct.pack("i", pid))
-        finally:
-            os._exit(0)
-    os.close(report_w)
-    try:
-        data = os.read(report_r, 4)
-    finally:
-        os.close(report_r)
-        os.waitpid(middle, 0)
-    if len(data) != 4:
-        raise OSError("the intermediate fork died before reporting the attempt's pid")
-    return struct.unpack("i", data)[0]
+def _fork_attempt(forker: SiblingForker, sock: socket.socket, request: dict, fds: list[int]) -> int:
+    pid = forker.fork()
+    if pid == 0:
+        _become_attempt(sock, request, fds)  # never returns
+    return pid
 
 
 def _become_attempt(sock: socket.socket, request: dict, fds: list[int]) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import array
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -20,6 +21,7 @@ from .spawn import ChildHandle, child_pipes, reap_adopted
 
 _ZYGOTE_FD_ENV = "NOMAFLOW_ZYGOTE_FD"
 _START_TIMEOUT = 30.0
+_log = logging.getLogger(__name__)
 
 
 class ZygoteError(OSError):
@@ -35,6 +37,8 @@ class Zygote:
         self._next_id = 0
         self.pid: int | None = None
         self.restarts = 0
+        self.fork_method = ""  # "clone-parent", or "double-fork" with the reason in fork_note
+        self.fork_note = ""
 
     async def _start(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -57,6 +61,10 @@ class Zygote:
             hello = json.loads(await self._sock.recv(4096) or b"{}")
             if hello.get("ready"):
                 self.pid = self._process.pid
+                self.fork_method = str(hello.get("fork", ""))
+                self.fork_note = str(hello.get("why", ""))
+                if self.fork_note and self.restarts == 0:
+                    _log.warning("zygote: forking attempts with a double fork (%s)", self.fork_note)
                 return
         await self._stop()
         raise ZygoteError("the zygote did not start (no ready message)")
