@@ -108,6 +108,32 @@ def test_the_child_cannot_lift_its_own_cgroup_limit(run_sandboxed: Runner, base_
         assert mgr.close()
 
 
+def test_the_child_joins_its_cgroups_first_and_cannot_leave_them(run_sandboxed: Runner, base_spec: SandboxSpec) -> None:
+    mgr = CgroupManager()
+    group = mgr.create("join")
+    assert group is not None
+    spec = attrs.evolve(base_spec, cgroups=[str(d) for d in group.dirs.values()])
+    parent = next(iter(group.dirs.values())).parent / "cgroup.procs"
+    try:
+        out = run_sandboxed(
+            spec,
+            "result(procs=open('/proc/self/cgroup').read().count('/att-join'),"
+            f" leave=attempt(lambda: open({str(parent)!r}, 'w').write('0')))",
+        )
+        assert out.report["cgroup"].applied, out.report["cgroup"].detail
+        assert out.result["procs"] == len(group.dirs)
+        assert out.result["leave"]["ok"] is False
+    finally:
+        assert mgr.close()
+
+
+def test_a_cgroup_the_child_cannot_join_is_reported_failed(run_sandboxed: Runner, base_spec: SandboxSpec) -> None:
+    spec = attrs.evolve(base_spec, cgroups=["/sys/fs/cgroup/unified/nomaflow-no-such-cgroup"])
+    out = run_sandboxed(spec, "result(ok=1)")
+    assert not out.report["cgroup"].applied
+    assert "nomaflow-no-such-cgroup" in out.report["cgroup"].detail
+
+
 def test_the_child_ends_undumpable_without_capabilities(run_sandboxed: Runner, base_spec: SandboxSpec) -> None:
     out = run_sandboxed(
         base_spec,

@@ -30,3 +30,18 @@ def test_rlimit_nproc_ignored_for_root_is_a_gap_without_a_pids_cgroup() -> None:
 def test_rlimit_nproc_ignored_for_root_is_no_gap_when_the_cgroup_caps_pids() -> None:
     r = report(rlimit_nproc={"applied": False, "detail": "ignored: the child runs as uid 0"})
     assert sandbox_gaps(r, pids_capped=True) == ""
+
+
+def test_a_failed_cgroup_join_refuses_the_attempt() -> None:
+    problem = sandbox_problem(report(cgroup={"applied": False, "detail": "PermissionError: cgroup.procs"}))
+    assert problem is not None and "cgroup: PermissionError" in problem
+
+
+def test_a_prepared_report_silent_about_the_cgroup_asked_for_is_a_bad_handshake() -> None:
+    from liberty.jobs.protocol import Prepared
+    from liberty.jobs.supervisor.warm import prepared_problem
+
+    asked = {"workdir": "/tmp", "cgroups": ["/sys/fs/cgroup/unified/x"]}
+    assert "cgroup" in (prepared_problem(Prepared(report=report()), sandbox=asked) or "")
+    assert prepared_problem(Prepared(report=report(cgroup=APPLIED)), sandbox=asked) is None
+    assert prepared_problem(Prepared(report=report()), sandbox={**asked, "cgroups": []}) is None

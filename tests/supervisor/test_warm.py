@@ -169,3 +169,14 @@ async def test_a_spare_that_cannot_be_sealed_is_dropped_and_the_cold_start_repor
         assert (run.status, error["reason"], error["type"]) == ("FAILED", "sandbox", "SandboxError"), error
         assert "/proc/nomaflow-cannot-exist" in error["message"]
     assert pool(sup).hits == 0
+
+
+async def test_a_cold_started_step_joins_its_own_cgroup_in_every_hierarchy_before_it_runs(plugins: Path) -> None:
+    async with Supervisor(plugins=plugins, history=":memory:", spares=0) as sup:
+        groups = sup.containment.cgroups
+        assert groups is not None and groups.enabled
+        result = output(await sup.run(job()))
+    lines = result["cgroup"].splitlines()
+    hierarchies = {h.role for h in groups.support.hierarchies}
+    joined = [line for line in lines if "/att-" in line]
+    assert len(joined) == len(hierarchies), lines  # one attempt cgroup per hierarchy this host has

@@ -80,6 +80,7 @@ class SandboxSpec:
     uid: int | None = None
     gid: int | None = None
     drop_capabilities: bool = True
+    cgroups: list[str] = attrs.field(factory=list)  # the attempt's cgroup directories, one per hierarchy, to join first
 
     def to_dict(self) -> dict[str, Any]:
         return attrs.asdict(self)
@@ -186,6 +187,9 @@ def apply(spec: SandboxSpec) -> AppliedReport:
     a uid change resets it.
     """
     report = AppliedReport()
+    if spec.cgroups:
+        # First: everything after, and every process the step starts, is counted and killable with it.
+        _try(report, "cgroup", lambda: _join_cgroups(spec.cgroups))
     threads = _thread_count()
     report.add(
         "single_thread",
@@ -224,6 +228,13 @@ def _try(report: AppliedReport, name: str, action: Callable[[], str]) -> bool:
         return False
     report.add(name, True, detail)
     return True
+
+
+def _join_cgroups(directories: list[str]) -> str:
+    for directory in directories:
+        with open(os.path.join(directory, "cgroup.procs"), "w") as f:
+            f.write("0")  # "0": the writing process
+    return f"joined {len(directories)} hierarch{'y' if len(directories) == 1 else 'ies'}"
 
 
 def _isolate_network() -> str:

@@ -376,19 +376,20 @@ class AttemptCgroup:
             found.update(_read_procs(directory))
         return sorted(found)
 
-    def kill(self) -> None:
-        """SIGKILL the whole population, forks racing the kill included."""
+    def kill(self) -> bool:
+        """SIGKILL the whole population, forks racing the kill included; True if none is left."""
         kill_dir = self._kill_dir
         if kill_dir is not None and (kill_dir / "cgroup.kill").exists():
             try:
                 _write(kill_dir / "cgroup.kill", "1")
-                return
+                return True
             except FileNotFoundError:
-                return
+                return True
             except OSError:
                 pass  # fall back to freezing and signalling
         with _Freeze(self.dirs):
             self._signal_until_empty(deadline=time.monotonic() + 2.0)
+        return not self.procs()
 
     def _signal_until_empty(self, *, deadline: float) -> None:
         while True:

@@ -63,45 +63,65 @@ class Containment:
         if self.cgroups is not None:
             await trio.to_thread.run_sync(self.cgroups.close)
 
-    def sandbox_spec(self, limits: Limits, workdir: str) -> dict[str, Any] | None:
+    def sandbox_spec(self, limits: Limits, workdir: str, group: AttemptCgroup | None = None) -> dict[str, Any] | None:
+        """What the child applies to itself on `prepare`, joining `group` first."""
         if not self.enabled:
             return None
         for path in limits.writable:
             # A declared directory that does not exist yet is created, so the rule can name it.
             Path(path).mkdir(parents=True, exist_ok=True)
+        spec = self._spec_without_workdir(
+            limits.cpu_seconds,
+            limits.max_open_files,
+            limits.max_file_mb,
+            limits.max_processes,
+            limits.network,
+            tuple(limits.readable),
+            tuple(limits.writable),
+        )
+        return {**spec, "workdir": workdir, "cgroups": [] if group is None else [str(d) for d in group.dirs.values()]}
+
+    @functools.lru_cache(maxsize=32)  # noqa: B019  (one Containment per Supervisor; steps reuse a few limits)
+    def _spec_without_workdir(
+        self,
+        cpu_seconds: float | None,
+        max_open_files: int | None,
+        max_file_mb: int | None,
+        max_processes: int | None,
+        network: bool,
+        readable: tuple[str, ...],
+        writable: tuple[str, ...],
+    ) -> dict[str, Any]:
         return SandboxSpec(
-            workdir=workdir,
-            cpu_seconds=limits.cpu_seconds,
-            max_open_files=limits.max_open_files + FD_RESERVE if limits.max_open_files else None,
-            max_file_mb=limits.max_file_mb,
-            max_processes=limits.max_processes + THREAD_RESERVE if limits.max_processes else None,
-            network=limits.network,
-            readable=list(self._readable(tuple(limits.readable))),
-            writable=list(limits.writable),
+            workdir="",
+            cpu_seconds=cpu_seconds,
+            max_open_files=max_open_files + FD_RESERVE if max_open_files else None,
+            max_file_mb=max_file_mb,
+            max_processes=max_processes + THREAD_RESERVE if max_processes else None,
+            network=network,
+            readable=list(self._readable(readable)),
+            writable=list(writable),
         ).to_dict()
 
     @functools.lru_cache(maxsize=32)  # noqa: B019  (one Containment per Supervisor; a few distinct lists)
     def _readable(self, extra: tuple[str, ...]) -> tuple[str, ...]:
         return tuple(default_readable(str(self.plugins), *extra))
 
-    def contain(self, name: str, pid: int, limits: Limits) -> AttemptCgroup | None:
-        """Move the attempt's process into a fresh cgroup before it runs any plugin code.
+    def contain(self, name: str, limits: Limits) -> AttemptCgroup | None:
+        """A fresh cgroup with the step's limits, for the child to join (`sandbox_spec`) before any plugin code.
 
-        Called on the event loop: a handful of small cgroupfs writes (about
-        1.5 ms) cost less than two hops to a worker thread under load.
+        Called on the event loop: a few mkdirs and small writes.  The child joins
+        it itself, so the supervisor's loop never waits on a migration (moving a
+        process between cgroups can wait for an RCU grace period).
         """
         if self.cgroups is None or not self.cgroups.enabled:
             return None
         max_processes = limits.max_processes + THREAD_RESERVE if limits.max_processes else None
-        group = self.cgroups.create(_NAME.sub("_", name)[:120], memory_mb=limits.memory_mb, max_processes=max_processes)
-        if group is not None:
-            group.add(pid)
-        return group
+        return self.cgroups.create(_NAME.sub("_", name)[:120], memory_mb=limits.memory_mb, max_processes=max_processes)
 
     async def release(self, group: AttemptCgroup) -> dict[str, Any]:
-        """Kill what is left, read the usage, remove the cgroup."""
+        """Read the usage, then kill what is left and remove the cgroup."""
         def finish() -> dict[str, Any]:
-            group.kill()
             usage = dict(group.usage())
             assert self.cgroups is not None
             self.cgroups.release(group)

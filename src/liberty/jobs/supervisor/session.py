@@ -118,6 +118,8 @@ class AttemptSession:
         self._containment = containment
         self._group: AttemptCgroup | None = None
         self._group_usage: dict[str, Any] = {}
+        self._joined = False  # the child said it is in its cgroup
+        self._group_killed = False
         self._sandbox_report: dict[str, Any] | None = None
         self._refusal: tuple[Reason, str, str] | None = None  # (reason, type, message): the supervisor stopped it
         self._start = start
@@ -191,11 +193,11 @@ class AttemptSession:
                 else:
                     sandbox = None
                     if self._containment is not None:
+                        self._contain()
                         try:
-                            sandbox = self._containment.sandbox_spec(self._step.limits, workdir)
+                            sandbox = self._containment.sandbox_spec(self._step.limits, workdir, self._group)
                         except OSError as exc:
                             self._refuse(Reason.SANDBOX, "SandboxError", f"could not prepare the step's sandbox: {exc}")
-                        await self._contain(child)
                     self._prepare_msg = attrs.evolve(self._prepare_msg, sandbox=sandbox)
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._pump_output, child.stdout, "stdout")
@@ -227,12 +229,12 @@ class AttemptSession:
             )
         return self._outcome(returncode, time.monotonic() - t0)
 
-    async def _contain(self, child: ChildHandle) -> None:
-        """Into its own cgroup before the child runs any plugin code (it waits for `start`)."""
+    def _contain(self) -> None:
+        """A cgroup of its own, which the child joins on `prepare`, before any plugin code (it waits for `start`)."""
         assert self._containment is not None
         name = f"{self._start.run_id}-{self._start.step}-{self._start.attempt}-{self._token[:8]}"
         try:
-            self._group = self._containment.contain(name, child.pid, self._step.limits)
+            self._group = self._containment.contain(name, self._step.limits)
         except (CgroupError, OSError, ValueError) as exc:
             self._refuse(Reason.SANDBOX, "SandboxError", f"could not put the step in its own cgroup: {exc}")
 
@@ -241,6 +243,8 @@ class AttemptSession:
         self._sandbox_report = report
         if report is None:
             return
+        joined = report.get("cgroup")
+        self._joined = self._group is not None and isinstance(joined, dict) and joined.get("applied") is True
         problem = sandbox_problem(report)
         if problem:
             self._refuse(Reason.SANDBOX, "SandboxError", f"the sandbox could not be applied, so the step was not run: {problem}")
@@ -318,8 +322,14 @@ class AttemptSession:
             await trio.sleep(0.05)
 
     def _kill(self, child: ChildHandle) -> None:
+        if self._group_killed:
+            return  # the kernel took the whole population and nothing joins the cgroup after `prepare`
         if self._group is not None:
-            self._group.kill()  # the whole population, daemons that left the tree included
+            # The whole population, daemons that left the tree included; the tree is
+            # still walked unless the child has joined the cgroup (it does on `prepare`).
+            if self._group.kill() and self._joined:
+                self._group_killed = True
+                return
         kill_tree(
             child.pid,
             token=None if self._group is not None else self._token,
@@ -480,7 +490,7 @@ class AttemptSession:
         if self._result is not None:
             return self._protocol_violation(f"{type(msg).__name__.lower()} message after the step's result")
         if not self._prepared.is_set():
-            problem = prepared_problem(msg, sandbox_asked=self._prepare_msg.sandbox is not None)
+            problem = prepared_problem(msg, sandbox=self._prepare_msg.sandbox)
             if problem:
                 return self._protocol_violation(problem)
             await self._accept_report(msg.report)

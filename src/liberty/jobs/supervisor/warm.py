@@ -88,12 +88,12 @@ async def prepare_child(
     if making is not None:
         making.add(spare)
     try:
-        spare.group = containment.contain(f"{name}-{token[:8]}", child.pid, limits)
-        spec = containment.sandbox_spec(limits, workdir)
+        spare.group = containment.contain(f"{name}-{token[:8]}", limits)
+        spec = containment.sandbox_spec(limits, workdir, spare.group)
         await child.to_child.send_all(encode(Prepare(plugins=plugins, sandbox=spec)))
         with trio.fail_after(PREPARE_TIMEOUT):
             ready, prepared = await _first_two(child)
-        problem = ready_problem(ready, child.pid) or prepared_problem(prepared, sandbox_asked=spec is not None)
+        problem = ready_problem(ready, child.pid) or prepared_problem(prepared, sandbox=spec)
         if problem:
             raise PrepareError(f"bad handshake from the child: {problem}")
         problem = sandbox_problem(prepared.report) if prepared.report is not None else None
@@ -126,12 +126,14 @@ def ready_problem(msg: Any, pid: int) -> str | None:
     return None
 
 
-def prepared_problem(msg: Any, *, sandbox_asked: bool) -> str | None:
+def prepared_problem(msg: Any, *, sandbox: dict[str, Any] | None) -> str | None:
     """What is wrong with the child's answer to `prepare`, or None (the report itself is judged apart)."""
     if not isinstance(msg, Prepared):
         return f"expected 'prepared' after ready, got {type(msg).__name__.lower()}"
-    if (msg.report is None) == sandbox_asked:
+    if (msg.report is None) != (sandbox is None):
         return "'prepared' report does not match the sandbox asked for"
+    if sandbox is not None and sandbox.get("cgroups") and "cgroup" not in (msg.report or {}):
+        return "'prepared' report does not say whether the child joined its cgroup"
     return None
 
 
