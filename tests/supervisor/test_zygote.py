@@ -136,6 +136,23 @@ async def test_the_zygote_runs_no_threads(plugins: Path) -> None:
     assert status["Threads"].strip() == "1"
 
 
+async def test_the_zygote_forks_attempts_as_the_supervisors_children_with_one_clone(plugins: Path) -> None:
+    async with Supervisor(plugins=plugins, history=":memory:") as sup:
+        [argv] = succeeded(await sup.run(job(step("probes:cmdline"))))
+        assert sup._zygote is not None
+        assert (sup._zygote.fork_method, sup._zygote.fork_note) == ("clone-parent", "")
+    assert forked_from_zygote(argv), argv
+
+
+async def test_the_zygote_has_an_empty_bounding_set_but_keeps_what_attempts_need_to_seal(plugins: Path) -> None:
+    async with Supervisor(plugins=plugins, history=":memory:") as sup:
+        succeeded(await sup.run(job(step("probes:cmdline"))))
+        with open(f"/proc/{zygote_pid(sup)}/status") as f:
+            status = dict(line.split(":", 1) for line in f.read().splitlines())
+    assert int(status["CapBnd"], 16) == 0
+    assert int(status["CapEff"], 16) == int(status["CapPrm"], 16) != 0  # root here: caps held until each attempt's capset
+
+
 async def test_a_killed_zygote_is_restarted_and_the_next_run_succeeds(plugins: Path) -> None:
     async with Supervisor(plugins=plugins, history=":memory:", spares=0) as sup:  # no spare forked before the kill
         succeeded(await sup.run(job(step("probes:cmdline"))))

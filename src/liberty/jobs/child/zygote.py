@@ -27,6 +27,7 @@ from . import loader as _loader  # noqa: F401
 from . import runtime
 from .forking import SiblingForker
 from .. import sandbox as _sandbox  # noqa: F401
+from ..sandbox import prctl as _prctl
 
 ZYGOTE_FD_ENV = "NOMAFLOW_ZYGOTE_FD"
 _MAX_REQUEST = 1024 * 1024
@@ -38,6 +39,9 @@ def main() -> None:
     sock = socket.socket(fileno=fd)
     _set_name("nomaflow-zygote")
     forker = SiblingForker()
+    # The zygote never execs: an empty bounding set costs it nothing and spares each attempt the drop.
+    # Its capabilities stay (attempts need them to seal themselves) until each attempt's capset.
+    _prctl.empty_bounding_set()
     # Everything imported so far lives as long as the zygote: out of the collector's
     # reach, so a collection in an attempt does not touch (and copy) these pages.
     gc.freeze()

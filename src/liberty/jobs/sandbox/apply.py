@@ -243,7 +243,8 @@ def _isolate_network() -> str:
 
 def _drop_capabilities() -> str:
     prctl.drop_capabilities()
-    return f"effective {prctl.effective_capabilities():#x}, bounding {prctl.bounding_capabilities():#x}"
+    sets = prctl.capability_sets()
+    return f"effective {sets['CapEff']:#x}, bounding {sets['CapBnd']:#x}"
 
 
 def _no_new_privs() -> str:

@@ -84,13 +84,7 @@ def drop_capabilities() -> None:
         prctl(PR_SET_SECUREBITS, _SECURE_NOROOT_ALL)
     except PermissionError:
         pass  # no CAP_SETPCAP: nothing to guard, we hold no capabilities worth keeping
-    for cap in range(_last_cap() + 1):
-        try:
-            prctl(PR_CAPBSET_DROP, cap)
-        except PermissionError:
-            break
-        except OSError:
-            continue
+    empty_bounding_set()
     try:
         prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
     except OSError:
@@ -102,17 +96,38 @@ def drop_capabilities() -> None:
         raise OSError(err, f"capset: {os.strerror(err)}")
 
 
+def empty_bounding_set() -> None:
+    """Drop what is left in the bounding set; the capabilities held now stay until `capset`.
+
+    The zygote empties its own once, so its attempts (which inherit it) have nothing left to drop.
+    """
+    remaining = bounding_capabilities()
+    for cap in range(_last_cap() + 1):
+        if not remaining >> cap & 1:
+            continue
+        try:
+            prctl(PR_CAPBSET_DROP, cap)
+        except PermissionError:
+            break
+        except OSError:
+            continue
+
+
 def effective_capabilities() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("CapEff:"):
-                return int(line.split()[1], 16)
-    return 0
+    return capability_sets()["CapEff"]
 
 
 def bounding_capabilities() -> int:
+    return capability_sets()["CapBnd"]
+
+
+def capability_sets() -> dict[str, int]:
+    """CapInh, CapPrm, CapEff, CapBnd and CapAmb of this thread, from one read of /proc/self/status."""
+    sets = {"CapInh": 0, "CapPrm": 0, "CapEff": 0, "CapBnd": 0, "CapAmb": 0}
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("CapBnd:"):
-                return int(line.split()[1], 16)
-    return 0
+            if line.startswith("Cap"):
+                key, _, value = line.partition(":")
+                if key in sets:
+                    sets[key] = int(value.split()[0], 16)
+    return sets
