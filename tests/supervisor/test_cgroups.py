@@ -291,3 +291,14 @@ def test_cleanup_stale_spares_a_live_supervisor(manager: CgroupManager) -> None:
         _reap(live)
         manager.cleanup_stale()
         _kill_worker(info)
+
+
+def test_a_parent_removed_under_the_manager_is_made_again(manager: CgroupManager) -> None:
+    first = manager.create("before")
+    assert first is not None and manager.release(first)
+    for directory in first.dirs.values():
+        directory.parent.rmdir()  # as a careless cleanup elsewhere would
+    second = manager.create("after")
+    assert second is not None
+    assert all(d.is_dir() for d in second.dirs.values())
+    assert manager.release(second)

@@ -556,6 +556,8 @@ class CgroupManager:
         self.tag = supervisor_tag()
         self._lock = threading.Lock()
         self._attempts: dict[str, AttemptCgroup] = {}
+        self._parents = {h.role: h.base / self.tag for h in self.support.hierarchies}
+        self._made: set[Path] = set()  # parents known to exist: no mkdir (and FileExistsError) per attempt
 
     @property
     def enabled(self) -> bool:
@@ -578,10 +580,16 @@ class CgroupManager:
         dirs: dict[str, Path] = {}
         try:
             for h in self.support.hierarchies:
-                parent = h.base / self.tag
-                self._make_parents(h, parent)
+                parent = self._parents[h.role]
+                if parent not in self._made:
+                    self._make_parents(h, parent)
+                    self._made.add(parent)
                 directory = parent / f"att-{name}"
-                directory.mkdir()
+                try:
+                    directory.mkdir()
+                except FileNotFoundError:  # our parent was removed under us: make it again, once
+                    self._make_parents(h, parent)
+                    directory.mkdir()
                 dirs[h.role] = directory
             group = AttemptCgroup(name, dirs)
             self._set_limits(group, memory_mb, max_processes)
@@ -640,6 +648,7 @@ class CgroupManager:
             groups = list(self._attempts.values())
             self._attempts.clear()
         ok = all([g.remove(timeout) for g in groups])
+        self._made.clear()
         for h in self.support.hierarchies:
             ok = _rmdir_quiet(h.base / self.tag) and ok
         return ok

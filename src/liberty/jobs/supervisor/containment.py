@@ -14,6 +14,7 @@ import functools
 import logging
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,9 @@ class Containment:
         self.enabled = enabled
         self.cgroups: CgroupManager | None = None
         self.notes: list[str] = []
+        self._leftovers: list[tuple[AttemptCgroup | None, str | None, trio.Event]] = []  # for the janitor
+        self._leftovers_wake = trio.Event()
+        self.cleaned = 0  # attempts whose cgroup and work directory the janitor removed
 
     async def open(self) -> None:
         if not self.enabled:
@@ -60,8 +64,52 @@ class Containment:
             _log.warning(note)
 
     async def close(self) -> None:
-        if self.cgroups is not None:
-            await trio.to_thread.run_sync(self.cgroups.close)
+        """Finish what the janitor has not (it is stopped before this), then remove our cgroup directories."""
+        with trio.CancelScope(shield=True):
+            leftovers, self._leftovers = self._leftovers, []
+            if leftovers:
+                await trio.to_thread.run_sync(self._clean, leftovers)
+                for *_, done in leftovers:
+                    done.set()
+            if self.cgroups is not None:
+                await trio.to_thread.run_sync(self.cgroups.close)
+
+    def usage(self, group: AttemptCgroup) -> dict[str, Any]:
+        """The attempt's usage as its cgroup counted it; read before `discard`.  A few small cgroupfs reads."""
+        return dict(group.usage())
+
+    def discard(self, group: AttemptCgroup | None, workdir: str | None) -> trio.Event:
+        """Leave an ended attempt's cgroup (killed, emptied, removed) and work directory to the janitor.
+
+        The returned event is set once they are gone.  Its owner may do other
+        work meanwhile (the run's history write) and wait for it after; `close()`
+        still finishes everything left before the supervisor stops.
+        """
+        done = trio.Event()
+        self._leftovers.append((group, workdir, done))
+        self._leftovers_wake.set()
+        return done
+
+    async def run_janitor(self) -> None:
+        """Cleans up ended attempts, all that piled up in one worker-thread hop; runs until cancelled."""
+        while True:
+            await self._leftovers_wake.wait()
+            self._leftovers_wake = trio.Event()
+            leftovers, self._leftovers = self._leftovers, []
+            if leftovers:
+                await trio.to_thread.run_sync(self._clean, leftovers)
+                for *_, done in leftovers:
+                    done.set()
+
+    def _clean(self, leftovers: list[tuple[AttemptCgroup | None, str | None, trio.Event]]) -> None:
+        for group, workdir, _ in leftovers:
+            if group is not None and self.cgroups is not None:
+                if not self.cgroups.release(group):
+                    _log.warning("attempt cgroup %s left behind: %s", group.name, group.leftover)
+                reap_zombies_from(f"att-{group.name}")
+            if workdir is not None:
+                shutil.rmtree(workdir, ignore_errors=True)
+            self.cleaned += 1
 
     def sandbox_spec(self, limits: Limits, workdir: str, group: AttemptCgroup | None = None) -> dict[str, Any] | None:
         """What the child applies to itself on `prepare`, joining `group` first."""
@@ -118,18 +166,6 @@ class Containment:
             return None
         max_processes = limits.max_processes + THREAD_RESERVE if limits.max_processes else None
         return self.cgroups.create(_NAME.sub("_", name)[:120], memory_mb=limits.memory_mb, max_processes=max_processes)
-
-    async def release(self, group: AttemptCgroup) -> dict[str, Any]:
-        """Read the usage, then kill what is left and remove the cgroup."""
-        def finish() -> dict[str, Any]:
-            usage = dict(group.usage())
-            assert self.cgroups is not None
-            self.cgroups.release(group)
-            reap_zombies_from(f"att-{group.name}")
-            return usage
-
-        with trio.CancelScope(shield=True):
-            return await trio.to_thread.run_sync(finish)
 
 
 def reap_zombies_from(cgroup_name: str) -> int:

@@ -14,7 +14,7 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import attrs
 import psutil
@@ -34,6 +34,7 @@ from .warm import SparePool
 from .zygote import Zygote, ZygoteError
 
 _log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 StartMode = Literal["zygote", "spawn"]
 
 CANCEL_POLL_INTERVAL = 0.2
@@ -52,6 +53,7 @@ class RunHandle:
     finished: trio.Event = attrs.field(factory=trio.Event)
     _supervisor: Supervisor | None = None
     record: RunView | None = None  # the finished run, read in the same hop that finished it
+    _cleanups: list[trio.Event] = attrs.field(factory=list)  # its attempts' cgroups and work dirs being removed
 
     async def wait(self) -> RunView:
         await self.finished.wait()
@@ -142,6 +144,7 @@ class Supervisor:
             services = await stack.enter_async_context(trio.open_nursery())
             stack.callback(services.cancel_scope.cancel)
             services.start_soon(self._sink.run)
+            services.start_soon(self.containment.run_janitor)
             services.start_soon(self._poll_cancels)
             if self.spares > 0:
                 self._spares = SparePool(
@@ -285,6 +288,7 @@ class Supervisor:
     async def _execute(self, handle: RunHandle, overrides: dict[str, Any], user: str) -> None:
         store, sink, job = self._store, self._sink, handle.job
         assert store is not None and sink is not None
+        step_write: Callable[[], None] | None = None  # the latest step's result, written with what follows it
         try:
             previous: dict[str, dict[str, Any]] = {}
             final = Status.SUCCEEDED
@@ -293,23 +297,30 @@ class Supervisor:
                     final = Status.CANCELLED
                 if final != Status.SUCCEEDED:
                     rest = [s.name for s in job.steps[index:]]
-                    await trio.to_thread.run_sync(store.skip_steps, handle.run_id, rest)
+                    await trio.to_thread.run_sync(_then(step_write, lambda: store.skip_steps(handle.run_id, rest)))
+                    step_write = None
                     break
-                record = await self._run_step(handle, step, {**job.params, **step.op_kwargs, **overrides}, previous, user)
+                if step_write is not None:
+                    await trio.to_thread.run_sync(_then(step_write, lambda: store.start_step(handle.run_id, step.name)))
+                record, step_write = await self._run_step(handle, step, {**job.params, **step.op_kwargs, **overrides}, previous, user)
                 previous[step.name] = record
                 if record["status"] != Status.SUCCEEDED:
                     final = Status(record["status"])
             await sink.flush()
 
             def finish_run() -> RunView:
+                if step_write is not None:
+                    step_write()
                 store.finish_run(handle.run_id, final)
                 return store.get_run(handle.run_id)
 
             handle.record = await trio.to_thread.run_sync(finish_run)
+            for cleaned in handle._cleanups:  # removed meanwhile, on the janitor's thread: nothing is left when the run ends
+                await cleaned.wait()
         except BaseException:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(
-                    lambda: store.mark_lost([handle.run_id], message="the supervisor stopped before the run ended")
+                    _then(step_write, lambda: store.mark_lost([handle.run_id], message="the supervisor stopped before the run ended"))
                 )
             raise
         finally:
@@ -323,11 +334,14 @@ class Supervisor:
         kwargs: dict[str, Any],
         previous: dict[str, dict[str, Any]],
         user: str,
-    ) -> dict[str, Any]:
+    ) -> tuple[dict[str, Any], Callable[[], None]]:
+        """Run the step's attempts; its result, and the history write of it for the caller to make.
+
+        The caller starts the step in the history (the first one starts with its run)
+        and makes the write in one thread hop with whatever comes next.
+        """
         store = self._store
         assert store is not None
-        if step is not handle.job.steps[0]:
-            await trio.to_thread.run_sync(store.start_step, handle.run_id, step.name)
         attempt = 0
         while True:
             attempt += 1
@@ -384,8 +398,7 @@ class Supervisor:
                 peak_rss_mb=outcome.peak_rss_mb,
             )
 
-        await trio.to_thread.run_sync(finish)
-        return {"status": str(outcome.status), "output": outcome.output, "attempts": attempt, "error": error}
+        return {"status": str(outcome.status), "output": outcome.output, "attempts": attempt, "error": error}, finish
 
     async def _run_attempt(
         self,
@@ -453,6 +466,8 @@ class Supervisor:
                 outcome = await session.run(prepared)
             finally:
                 self._sessions.discard(session)
+                if session.cleaned is not None:
+                    handle._cleanups.append(session.cleaned)
         if outcome.error and outcome.status != Status.SUCCEEDED:
             await emit("ERROR", "system", f"attempt {attempt} {outcome.status} ({outcome.reason}): {outcome.error['type']}: {outcome.error['message']}")
         return outcome
@@ -462,3 +477,13 @@ class Supervisor:
         await self._sink.put(
             LogLine(run_id=run_id, ts=time.time(), level=level, stream="system", message=message, step=step, attempt=attempt)
         )
+
+
+def _then(first: Callable[[], object] | None, second: Callable[[], _T]) -> Callable[[], _T]:
+    """One thread hop for two history writes, in order."""
+    def both() -> _T:
+        if first is not None:
+            first()
+        return second()
+
+    return both

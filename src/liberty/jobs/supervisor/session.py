@@ -159,6 +159,7 @@ class AttemptSession:
         self._watchdog: str | None = None
         self._stack_dump: list[str] | None = None
         self.pid: int | None = None
+        self.cleaned: trio.Event | None = None  # set once the cgroup and work directory are gone
 
     # -- the attempt ------------------------------------------------------
 
@@ -220,9 +221,12 @@ class AttemptSession:
                         await self._note("WARNING", f"could not collect the child's exit status: {exc}")
                     await child.aclose()
                     if self._group is not None and self._containment is not None:
-                        self._group_usage = await self._containment.release(self._group)
+                        self._group_usage = self._containment.usage(self._group)
         finally:
-            shutil.rmtree(workdir, ignore_errors=True)
+            if self._containment is not None:
+                self.cleaned = self._containment.discard(self._group, workdir)
+            else:
+                shutil.rmtree(workdir, ignore_errors=True)
         if self._log_dropped:
             await self._emit_raw(
                 "WARNING", "system", f"{self._log_dropped} log lines dropped past the {self._step.limits.max_log_mb} MiB log cap"
@@ -809,6 +813,8 @@ class AttemptSession:
     async def _sample_usage(self, pid: int) -> None:
         """Peak memory, CPU and process count, sampled cheaply (fast at first, then every second)."""
         interval = 0.05
+        if self._joined:  # its cgroup counts memory, processes and CPU already: nothing to catch at once
+            await trio.sleep(interval)
         while not self._exited.is_set():
             pids = tree_pids(pid)
             rss = _vm_hwm(pid)

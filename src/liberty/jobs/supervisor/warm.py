@@ -170,9 +170,7 @@ async def dispose(spare: PreparedChild, containment: Containment) -> None:
         except ChildProcessError as exc:
             _log.warning("could not reap spare %s: %s", spare.child.pid, exc)
         await spare.child.aclose()
-        if spare.group is not None:
-            await containment.release(spare.group)
-        shutil.rmtree(spare.workdir, ignore_errors=True)
+        containment.discard(spare.group, spare.workdir)
 
 
 class SparePool:
