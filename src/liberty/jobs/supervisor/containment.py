@@ -158,9 +158,10 @@ class Containment:
     def contain(self, name: str, limits: Limits) -> AttemptCgroup | None:
         """A fresh cgroup with the step's limits, for the child to join (`sandbox_spec`) before any plugin code.
 
-        Called on the event loop: a few mkdirs and small writes.  The child joins
-        it itself, so the supervisor's loop never waits on a migration (moving a
-        process between cgroups can wait for an RCU grace period).
+        Blocking: call it on a worker thread.  A cgroup mkdir takes the kernel's
+        global cgroup mutex, so it can wait several milliseconds behind the
+        janitor's rmdirs.  The child joins the cgroup itself, so no one waits on
+        a migration (which can wait for an RCU grace period).
         """
         if self.cgroups is None or not self.cgroups.enabled:
             return None

@@ -194,7 +194,7 @@ class AttemptSession:
                 else:
                     sandbox = None
                     if self._containment is not None:
-                        self._contain()
+                        await self._contain()
                         try:
                             sandbox = self._containment.sandbox_spec(self._step.limits, workdir, self._group)
                         except OSError as exc:
@@ -233,12 +233,12 @@ class AttemptSession:
             )
         return self._outcome(returncode, time.monotonic() - t0)
 
-    def _contain(self) -> None:
+    async def _contain(self) -> None:
         """A cgroup of its own, which the child joins on `prepare`, before any plugin code (it waits for `start`)."""
         assert self._containment is not None
         name = f"{self._start.run_id}-{self._start.step}-{self._start.attempt}-{self._token[:8]}"
         try:
-            self._group = self._containment.contain(name, self._step.limits)
+            self._group = await trio.to_thread.run_sync(self._containment.contain, name, self._step.limits)
         except (CgroupError, OSError, ValueError) as exc:
             self._refuse(Reason.SANDBOX, "SandboxError", f"could not put the step in its own cgroup: {exc}")
 

@@ -88,7 +88,7 @@ async def prepare_child(
     if making is not None:
         making.add(spare)
     try:
-        spare.group = containment.contain(f"{name}-{token[:8]}", limits)
+        spare.group = await trio.to_thread.run_sync(containment.contain, f"{name}-{token[:8]}", limits)
         spec = containment.sandbox_spec(limits, workdir, spare.group)
         await child.to_child.send_all(encode(Prepare(plugins=plugins, sandbox=spec)))
         with trio.fail_after(PREPARE_TIMEOUT):
