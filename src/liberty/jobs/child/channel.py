@@ -47,8 +47,7 @@ class Channel:
         self._calls: dict[int, Callable[[Reply], None]] = {}
         self._streams: dict[int, Callable[[Rows], None]] = {}
         self.cancelled = threading.Event()
-        self._start: Start | None = None
-        self._started = threading.Event()
+        self._reader_go = threading.Event()  # set once the main thread has read `start`
         self.on_task_cancel: Callable[[], None] | None = None
 
     def send(self, message: ChildMessage | bytes) -> None:
@@ -78,10 +77,21 @@ class Channel:
         return decode_parent_message(self._pending_lines.pop(0))
 
     def wait_start(self) -> Start:
-        """Block until the reader thread has received `start` (the step to run)."""
-        self._started.wait()
-        assert self._start is not None
-        return self._start
+        """Block until `start` (the step to run) arrives, then let the reader thread take the pipe over.
+
+        This thread reads `start` itself: one wake-up when it arrives instead of
+        two (the reader's, then its hand-over to this thread).
+        """
+        try:
+            msg = self.receive()
+        except ProtocolError as exc:
+            print(f"nomaflow child: protocol failure from the supervisor: {exc}", file=sys.stderr, flush=True)
+            os._exit(EXIT_PROTOCOL)
+        if not isinstance(msg, Start):
+            print(f"nomaflow child: protocol failure from the supervisor: {type(msg).__name__} before start", file=sys.stderr, flush=True)
+            os._exit(EXIT_PROTOCOL)
+        self._reader_go.set()
+        return msg
 
     def new_id(self) -> int:
         with self._calls_lock:
@@ -118,9 +128,11 @@ class Channel:
             self._streams.pop(stream_id, None)
 
     def start_reader(self) -> None:
+        """Start the reader thread now (off the start path); it reads once `wait_start` has `start`."""
         threading.Thread(target=self._read_forever, name="nomaflow-reader", daemon=True).start()
 
     def _read_forever(self) -> None:
+        self._reader_go.wait()
         try:
             while True:
                 while self._pending_lines:
@@ -134,13 +146,8 @@ class Channel:
             os._exit(EXIT_PROTOCOL)
 
     def _dispatch(self, msg: ParentMessage) -> None:
-        if isinstance(msg, Start):
-            if self._start is not None:
-                raise ProtocolError("a second start message")
-            self._start = msg
-            self._started.set()
-        elif self._start is None:
-            raise ProtocolError(f"{type(msg).__name__} before start")
+        if isinstance(msg, Start):  # the reader runs only once `wait_start` has the first one
+            raise ProtocolError("a second start message")
         elif isinstance(msg, Cancel):
             self.cancelled.set()
             if msg.stage == "task" and self.on_task_cancel is not None:

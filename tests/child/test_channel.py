@@ -1,0 +1,107 @@
+"""The child's end of the pipes, driven by hand through a real `python -m liberty.jobs.child`."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from liberty.jobs.child.channel import EXIT_PARENT_GONE, EXIT_PROTOCOL
+from liberty.jobs.protocol import PROTOCOL_FDS_ENV, PROTOCOL_VERSION, Cancel, Prepare, Start, encode
+
+SRC = Path(__file__).resolve().parents[2] / "src"
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class RawChild:
+    def __init__(self, plugins: Path) -> None:
+        to_child_r, self.to_child = os.pipe()
+        self.from_child, from_child_w = os.pipe()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "liberty.jobs.child"],
+            pass_fds=(to_child_r, from_child_w),
+            env={"PYTHONPATH": str(SRC), PROTOCOL_FDS_ENV: f"{to_child_r},{from_child_w}"},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        os.close(to_child_r)
+        os.close(from_child_w)
+        self.plugins = plugins
+        self._reader = os.fdopen(self.from_child, "rb")
+
+    def send(self, *messages: object) -> None:
+        os.write(self.to_child, b"".join(encode(m) for m in messages))  # type: ignore[arg-type]
+
+    def line(self) -> bytes:
+        return self._reader.readline()
+
+    def prepared(self) -> None:
+        assert b'"ready"' in self.line()
+        self.send(Prepare(plugins=str(self.plugins)))
+        assert b'"prepared"' in self.line()
+
+    def ended(self, *, hang_up: bool = True) -> tuple[int, str]:
+        """Its exit code and stderr; `hang_up` first closes our end, as a supervisor that died would."""
+        if hang_up:
+            os.close(self.to_child)
+        else:
+            self.proc.wait(timeout=30)
+            os.close(self.to_child)
+        _, err = self.proc.communicate(timeout=30)
+        self._reader.close()
+        return self.proc.returncode, err
+
+
+@pytest.fixture
+def child(tmp_path: Path) -> Iterator[RawChild]:
+    (tmp_path / "steps.py").write_text("async def hello(ctx, **_):\n    return {'hi': 1}\n")
+    raw = RawChild(tmp_path)
+    try:
+        yield raw
+    finally:
+        if raw.proc.poll() is None:
+            raw.proc.kill()
+            raw.proc.wait()
+
+
+def start(**kw: object) -> Start:
+    fields: dict[str, object] = dict(
+        version=PROTOCOL_VERSION, run_id="r", job_id="j", step="s", attempt=1, function="steps:hello", params={}
+    )
+    fields.update(kw)
+    return Start(**fields)  # type: ignore[arg-type]
+
+
+def test_the_step_runs_once_start_arrives(child: RawChild) -> None:
+    child.prepared()
+    child.send(start())
+    assert b'"hi"' in child.line()
+    assert child.ended(hang_up=False)[0] == 0
+
+
+def test_a_message_other_than_start_after_prepare_is_a_protocol_failure(child: RawChild) -> None:
+    child.prepared()
+    child.send(Cancel(stage="flag"))
+    code, err = child.ended()
+    assert code == EXIT_PROTOCOL
+    assert "Cancel before start" in err
+
+
+def test_a_second_start_is_a_protocol_failure(child: RawChild, tmp_path: Path) -> None:
+    (tmp_path / "steps.py").write_text("import time\nasync def hello(ctx, **_):\n    time.sleep(30)\n")
+    child.prepared()
+    child.send(start(), start())  # both in one write: the second reaches the reader thread
+    code, err = child.ended()
+    assert code == EXIT_PROTOCOL
+    assert "a second start message" in err
+
+
+def test_the_child_exits_when_the_supervisor_is_gone_before_start(child: RawChild) -> None:
+    child.prepared()
+    assert child.ended()[0] == EXIT_PARENT_GONE
