@@ -23,6 +23,7 @@ import os
 import platform
 import signal
 import struct
+from collections.abc import Callable
 
 _CLONE_PARENT = 0x00008000
 _CLONE_CHILD_SETTID = 0x01000000
@@ -98,24 +99,34 @@ class _CloneParent:
     def _check(self) -> None:
         """One real clone (without CLONE_PARENT, so we reap it): the new process must find its own tid in glibc's cache."""
         flags = ctypes.c_ulong(_CLONE_CHILD_SETTID | signal.SIGCHLD)
-        r, w = os.pipe()
-        try:
-            pid = self._clone((flags, *self._args[1:]))
-            if pid == 0:
-                try:
-                    os.write(w, b"1" if _cached_tid(self._tid_address.value) == os.getpid() else b"0")
-                finally:
-                    os._exit(0)
-            os.close(w)
-            w = -1
-            verdict = os.read(r, 1)
-            os.waitpid(pid, 0)
-        finally:
-            os.close(r)
-            if w >= 0:
-                os.close(w)
+        address = self._tid_address.value
+        verdict = _ask_a_fork(
+            lambda: self._clone((flags, *self._args[1:])),
+            lambda: b"1" if _cached_tid(address) == os.getpid() else b"0",
+        )
         if verdict != b"1":
             raise OSError("a process made by a raw clone() did not find its own thread id in glibc's cache")
+
+
+def _ask_a_fork(fork: Callable[[], int], question: Callable[[], bytes]) -> bytes:
+    """Fork, answer `question` in the new process, reap it; the answer, or b"" if it died first."""
+    r, w = os.pipe()
+    try:
+        pid = fork()
+        if pid == 0:
+            try:
+                os.write(w, question())
+            finally:
+                os._exit(0)
+        os.close(w)
+        w = -1
+        answer = os.read(r, 64)
+        os.waitpid(pid, 0)
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
+    return answer
 
 
 def _cached_tid(address: int | None) -> int:
@@ -127,24 +138,13 @@ def _tid_offset(descriptor: int) -> int:
     mine = os.getpid()  # the main thread's tid
     before = ctypes.string_at(descriptor, _SCAN_BYTES)
     candidates = [o for o in range(0, _SCAN_BYTES - 3, 4) if struct.unpack_from("i", before, o)[0] == mine]
-    r, w = os.pipe()
-    try:
-        pid = os.fork()
-        if pid == 0:
-            try:
-                after = ctypes.string_at(descriptor, _SCAN_BYTES)
-                hits = [o for o in candidates if struct.unpack_from("i", after, o)[0] == os.getpid()]
-                os.write(w, struct.pack("i", hits[0] if len(hits) == 1 else -1))
-            finally:
-                os._exit(0)
-        os.close(w)
-        w = -1
-        data = os.read(r, 4)
-        os.waitpid(pid, 0)
-    finally:
-        os.close(r)
-        if w >= 0:
-            os.close(w)
+
+    def hits() -> bytes:
+        after = ctypes.string_at(descriptor, _SCAN_BYTES)
+        found = [o for o in candidates if struct.unpack_from("i", after, o)[0] == os.getpid()]
+        return struct.pack("i", found[0] if len(found) == 1 else -1)
+
+    data = _ask_a_fork(os.fork, hits)
     offset = struct.unpack("i", data)[0] if len(data) == 4 else -1
     if offset < 0:
         raise OSError(f"glibc's cached thread id not found in its thread descriptor ({len(candidates)} candidate words)")
