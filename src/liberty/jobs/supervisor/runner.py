@@ -383,7 +383,13 @@ class Supervisor:
         error = dict(outcome.error, reason=str(outcome.reason)) if outcome.error else None
         last = record
 
-        def finish() -> None:  # the last attempt and the step's result in one thread hop
+        written = False
+
+        def finish() -> None:  # the last attempt and the step's result in one thread hop; once
+            nonlocal written
+            if written:
+                return  # the write that failed the run is not repeated by its clean-up either
+            written = True
             if last is not None:
                 store.record_attempt(last)
             store.finish_step(
