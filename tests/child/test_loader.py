@@ -164,3 +164,33 @@ def test_edit_in_a_package_module_is_picked_up(plugins: Path) -> None:
     path.write_text("def f():\n    return 'two'\n")
     os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
     assert resolve(plugins, "pkg.mod:f")["result"] == "two"
+
+
+_REHEARSE = """
+import json, os, sys
+from liberty.jobs.child.loader import install_plugins_path, rehearse_import, resolve_function
+plugins, scratch = sys.argv[1], sys.argv[2]
+install_plugins_path(plugins)
+path_before, cache_before = list(sys.path), set(sys.path_importer_cache)
+rehearse_import(plugins, scratch)
+print(json.dumps({
+    "scratch": os.listdir(scratch),
+    "path_same": sys.path == path_before,
+    "cache_new": sorted(set(sys.path_importer_cache) - cache_before - {plugins}),
+    "modules": [m for m in sys.modules if "rehearsal" in m],
+    "result": resolve_function("alpha:run", plugins)(),
+}))
+"""
+
+
+def test_the_import_rehearsal_leaves_no_file_module_or_path_behind(plugins: Path, tmp_path: Path) -> None:
+    put(plugins, "alpha.py", "def run():\n    return 'alpha'\n")
+    scratch = tmp_path / "work"
+    scratch.mkdir()
+    proc = subprocess.run(
+        [sys.executable, "-P", "-c", _REHEARSE, str(plugins), str(scratch)], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["scratch"] == [] and report["path_same"] and report["cache_new"] == [] and report["modules"] == []
+    assert report["result"] == "alpha"

@@ -44,12 +44,30 @@ def install_plugins_path(plugins_dir: str) -> None:
         del sys.path_importer_cache[cached]
 
 
-def rehearse_import(plugins_dir: str) -> None:
-    """Look up a module that cannot exist and compile a small one, so the plugins directory's
-    finder and the compiler are warm before the step is known; `resolve_function` lists the
-    directory again."""
+_REHEARSAL_MODULE = "_nomaflow_rehearsal"
+
+
+def rehearse_import(plugins_dir: str, scratch_dir: str) -> None:
+    """Warm, before the step is known, what importing it will take: the plugins directory's
+    finder, and one whole import through the fresh loader, of a throw-away module written
+    to `scratch_dir` (the attempt's own work dir) and gone again before the step runs.
+    `resolve_function` lists the plugins directory again."""
     machinery.PathFinder.find_spec("_nomaflow_no_such_module_", [plugins_dir])
-    compile("async def step(ctx, **_):\n    return None\n", "<rehearsal>", "exec", dont_inherit=True)
+    path = os.path.join(scratch_dir, _REHEARSAL_MODULE + ".py")
+    try:
+        with open(path, "x") as f:
+            f.write("async def step(ctx, **_):\n    return None\n")
+    except OSError:
+        return  # nowhere to write: the step's import is only a little slower
+    sys.path_importer_cache[scratch_dir] = machinery.FileFinder(scratch_dir, (_FreshSourceLoader, machinery.SOURCE_SUFFIXES))
+    sys.path.insert(0, scratch_dir)
+    try:
+        importlib.import_module(_REHEARSAL_MODULE)
+    finally:
+        sys.path.remove(scratch_dir)
+        sys.path_importer_cache.pop(scratch_dir, None)
+        sys.modules.pop(_REHEARSAL_MODULE, None)
+        os.unlink(path)
 
 
 def _forget_listings(plugins_dir: str) -> None:

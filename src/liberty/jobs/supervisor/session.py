@@ -119,6 +119,7 @@ class AttemptSession:
         self._group: AttemptCgroup | None = None
         self._group_usage: dict[str, Any] = {}
         self._joined = False  # the child said it is in its cgroup
+        self._start_sent = False
         self._group_killed = False
         self._sandbox_report: dict[str, Any] | None = None
         self._refusal: tuple[Reason, str, str] | None = None  # (reason, type, message): the supervisor stopped it
@@ -200,6 +201,10 @@ class AttemptSession:
                         except OSError as exc:
                             self._refuse(Reason.SANDBOX, "SandboxError", f"could not prepare the step's sandbox: {exc}")
                     self._prepare_msg = attrs.evolve(self._prepare_msg, sandbox=sandbox)
+                if prepared is not None and self._refusal is None:
+                    # A spare waits for nothing else: `start` goes out before the tasks below
+                    # are set up, and whatever the step writes meanwhile waits in the pipes.
+                    await self._send_start()
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._pump_output, child.stdout, "stdout")
                     nursery.start_soon(self._pump_output, child.stderr, "stderr")
@@ -275,10 +280,7 @@ class AttemptSession:
             if not self._prepared.is_set():
                 self._protocol_violation(f"no 'ready' and 'prepared' within {STARTUP_TIMEOUT:.0f} s of start")
                 return
-        try:
-            await self._send(self._start)
-        except ProtocolError as exc:
-            self._refuse(Reason.EXCEPTION, "InvalidParams", f"the step's start message cannot be sent: {exc}")
+        if not self._start_sent and not await self._send_start():
             return
         deadline = t0 + self._step.timeout_seconds
         with trio.move_on_at(trio.current_time() + max(0.0, deadline - time.monotonic())):
@@ -288,6 +290,15 @@ class AttemptSession:
         if self._result is not None and not self._exited.is_set():
             with trio.move_on_after(EXIT_AFTER_RESULT_TIMEOUT):
                 await self._exited.wait()
+
+    async def _send_start(self) -> bool:
+        self._start_sent = True
+        try:
+            await self._send(self._start)
+        except ProtocolError as exc:
+            self._refuse(Reason.EXCEPTION, "InvalidParams", f"the step's start message cannot be sent: {exc}")
+            return False
+        return True
 
     async def _escalate(self, kind: str) -> None:
         self._stop = kind
