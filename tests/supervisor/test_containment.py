@@ -1,8 +1,15 @@
-"""What a sandbox report means for an attempt: refuse, warn once, or say nothing."""
+"""What a sandbox report means for an attempt (refuse, warn once, or say nothing), and the janitor."""
 
 from __future__ import annotations
 
-from liberty.jobs.supervisor.containment import sandbox_gaps, sandbox_problem
+import os
+from pathlib import Path
+
+import pytest
+import trio
+
+from liberty.jobs import Job, Limits, Step, Supervisor
+from liberty.jobs.supervisor.containment import Containment, sandbox_gaps, sandbox_problem
 
 APPLIED = {"applied": True, "detail": "ok"}
 
@@ -45,3 +52,45 @@ def test_a_prepared_report_silent_about_the_cgroup_asked_for_is_a_bad_handshake(
     assert "cgroup" in (prepared_problem(Prepared(report=report()), sandbox=asked) or "")
     assert prepared_problem(Prepared(report=report(cgroup=APPLIED)), sandbox=asked) is None
     assert prepared_problem(Prepared(report=report()), sandbox={**asked, "cgroups": []}) is None
+
+
+# -- the janitor: ended attempts' cgroups and work directories -----------------
+
+
+@pytest.fixture
+def plugins(tmp_path: Path) -> Path:
+    path = tmp_path / "plugins"
+    path.mkdir()
+    (path / "where.py").write_text(
+        "import os\n\n\nasync def am_i(ctx, **_):\n"
+        "    return {'cwd': os.getcwd(), 'cgroup': open('/proc/self/cgroup').read()}\n"
+    )
+    return path
+
+
+@pytest.mark.trio
+async def test_a_run_ends_only_once_its_attempts_cgroup_and_work_dir_are_gone(plugins: Path) -> None:
+    async with Supervisor(plugins=plugins, history=":memory:", spares=0) as sup:
+        run = await sup.run(Job(name="j", steps=[Step(name="s", python="where:am_i")]))
+        out = run.steps[0].output
+        assert run.status == "SUCCEEDED", run.steps[0].error
+        assert not os.path.exists(out["cwd"])
+        groups = [line.split(":", 2)[2] for line in out["cgroup"].splitlines() if "/att-" in line]
+        assert groups
+        mounts = {h.mount for h in sup.containment.cgroups.support.hierarchies}  # type: ignore[union-attr]
+        assert not any(os.path.exists(m + g) for m in mounts for g in groups)
+
+
+@pytest.mark.trio
+async def test_what_the_janitor_did_not_reach_is_cleaned_up_on_close(plugins: Path, tmp_path: Path) -> None:
+    containment = Containment(plugins=plugins)
+    await containment.open()
+    group = await trio.to_thread.run_sync(containment.contain, "janitor-test", Limits())
+    assert group is not None
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    done = containment.discard(group, str(workdir))  # no janitor running
+    assert not done.is_set() and all(d.exists() for d in group.dirs.values())
+    await containment.close()
+    assert done.is_set()
+    assert not workdir.exists() and not any(d.exists() for d in group.dirs.values())

@@ -21,6 +21,7 @@ from typing import Any
 import trio
 
 from ..config import Limits
+from ..errors import NomaflowError
 from ..sandbox import SandboxSpec, default_readable
 from ..sandbox.prctl import set_dumpable
 from .cgroups import AttemptCgroup, CgroupManager
@@ -45,7 +46,6 @@ class Containment:
         self.notes: list[str] = []
         self._leftovers: list[tuple[AttemptCgroup | None, str | None, trio.Event]] = []  # for the janitor
         self._leftovers_wake = trio.Event()
-        self.cleaned = 0  # attempts whose cgroup and work directory the janitor removed
 
     async def open(self) -> None:
         if not self.enabled:
@@ -66,11 +66,7 @@ class Containment:
     async def close(self) -> None:
         """Finish what the janitor has not (it is stopped before this), then remove our cgroup directories."""
         with trio.CancelScope(shield=True):
-            leftovers, self._leftovers = self._leftovers, []
-            if leftovers:
-                await trio.to_thread.run_sync(self._clean, leftovers)
-                for *_, done in leftovers:
-                    done.set()
+            await self._clean_leftovers()
             if self.cgroups is not None:
                 await trio.to_thread.run_sync(self.cgroups.close)
 
@@ -95,21 +91,26 @@ class Containment:
         while True:
             await self._leftovers_wake.wait()
             self._leftovers_wake = trio.Event()
-            leftovers, self._leftovers = self._leftovers, []
-            if leftovers:
-                await trio.to_thread.run_sync(self._clean, leftovers)
-                for *_, done in leftovers:
-                    done.set()
+            await self._clean_leftovers()
+
+    async def _clean_leftovers(self) -> None:
+        leftovers, self._leftovers = self._leftovers, []
+        if leftovers:
+            await trio.to_thread.run_sync(self._clean, leftovers)
+            for *_, done in leftovers:
+                done.set()
 
     def _clean(self, leftovers: list[tuple[AttemptCgroup | None, str | None, trio.Event]]) -> None:
         for group, workdir, _ in leftovers:
             if group is not None and self.cgroups is not None:
-                if not self.cgroups.release(group):
-                    _log.warning("attempt cgroup %s left behind: %s", group.name, group.leftover)
-                reap_zombies_from(f"att-{group.name}")
+                try:
+                    if not self.cgroups.release(group):
+                        _log.warning("attempt cgroup %s left behind: %s", group.name, group.leftover)
+                    reap_zombies_from(f"att-{group.name}")
+                except (OSError, NomaflowError) as exc:  # one attempt's leftovers must not stop the others'
+                    _log.warning("could not clean up the cgroup of attempt %s: %s", group.name, exc)
             if workdir is not None:
                 shutil.rmtree(workdir, ignore_errors=True)
-            self.cleaned += 1
 
     def sandbox_spec(self, limits: Limits, workdir: str, group: AttemptCgroup | None = None) -> dict[str, Any] | None:
         """What the child applies to itself on `prepare`, joining `group` first."""
