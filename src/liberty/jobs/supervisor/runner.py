@@ -54,6 +54,13 @@ class RunHandle:
     _supervisor: Supervisor | None = None
     record: RunView | None = None  # the finished run, read in the same hop that finished it
     _cleanups: list[trio.Event] = attrs.field(factory=list)  # its attempts' cgroups and work dirs being removed
+    _cancel_listeners: list[Callable[[], None]] = attrs.field(factory=list)  # the running attempt's wake-up
+
+    def request_cancel(self) -> None:
+        """Set the cancel flag and wake the running attempt at once (it waits on nothing else)."""
+        self.cancel_event.set()
+        for listener in list(self._cancel_listeners):
+            listener()
 
     async def wait(self) -> RunView:
         await self.finished.wait()
@@ -254,11 +261,11 @@ class Supervisor:
         assert self._store is not None
         handle = self._active.get(run_id)
         if handle is not None:
-            handle.cancel_event.set()  # first, so the stop starts before any I/O
+            handle.request_cancel()  # first, so the stop starts before any I/O
         full_id = run_id if handle else await trio.to_thread.run_sync(self._store.resolve_run_id, run_id)
         handle = handle or self._active.get(full_id)
         if handle is not None:
-            handle.cancel_event.set()
+            handle.request_cancel()
         requested = await trio.to_thread.run_sync(self._store.request_cancel, full_id)
         return requested or handle is not None
 
@@ -283,7 +290,7 @@ class Supervisor:
                 continue
             for rid in await trio.to_thread.run_sync(store.cancel_requested, waiting):
                 if rid in self._active:
-                    self._active[rid].cancel_event.set()
+                    self._active[rid].request_cancel()
 
     async def _execute(self, handle: RunHandle, overrides: dict[str, Any], user: str) -> None:
         store, sink, job = self._store, self._sink, handle.job
@@ -467,11 +474,13 @@ class Supervisor:
                 plugins=str(self.plugins),
             )
             self._sessions.add(session)
+            handle._cancel_listeners.append(session.notice_cancel)
             try:
                 prepared = await self._spares.claim(step.limits) if self._spares is not None else None
                 outcome = await session.run(prepared)
             finally:
                 self._sessions.discard(session)
+                handle._cancel_listeners.remove(session.notice_cancel)
                 if session.cleaned is not None:
                     handle._cleanups.append(session.cleaned)
         if outcome.error and outcome.status != Status.SUCCEEDED:

@@ -135,9 +135,10 @@ class AttemptSession:
         self._send_lock = trio.Lock()
         self._send_broken = False
         self._ready = trio.Event()
-        self._prepared = trio.Event()  # the child reported its sandbox and waits for `start`
+        self._wake = trio.Event()  # poked by every change `_drive` may wait for (see `_until`)
+        self._prepared = _Signal(self._poke)  # the child reported its sandbox and waits for `start`
         self._prepare_msg = Prepare(plugins=plugins)  # cold start: its sandbox is filled in by `run`
-        self._settled = trio.Event()
+        self._settled = _Signal(self._poke)
         self._exited = trio.Event()
         self._protocol_eof = trio.Event()
         self._result: Done | Failed | None = None
@@ -274,7 +275,7 @@ class AttemptSession:
             # `start` only once the child reports its sandbox: no plugin code in a broken one.
             await self._send(self._prepare_msg)
             with trio.move_on_after(STARTUP_TIMEOUT):
-                await _first(self._prepared.wait, self._settled.wait)
+                await self._until(lambda: self._prepared.is_set() or self._settled.is_set())
             if self._settled.is_set():
                 return
             if not self._prepared.is_set():
@@ -284,12 +285,26 @@ class AttemptSession:
             return
         deadline = t0 + self._step.timeout_seconds
         with trio.move_on_at(trio.current_time() + max(0.0, deadline - time.monotonic())):
-            await _first(self._settled.wait, self._cancel.wait)
+            await self._until(lambda: self._settled.is_set() or self._cancel.is_set())
         if not self._settled.is_set():
             await self._escalate(_StopKind.CANCEL if self._cancel.is_set() else _StopKind.TIMEOUT)
         if self._result is not None and not self._exited.is_set():
             with trio.move_on_after(EXIT_AFTER_RESULT_TIMEOUT):
                 await self._exited.wait()
+
+    def notice_cancel(self) -> None:
+        """The run's cancel flag was just set (`RunHandle.request_cancel`)."""
+        self._poke()
+
+    def _poke(self) -> None:
+        self._wake.set()
+
+    async def _until(self, done: Callable[[], bool]) -> None:
+        """Wait until `done()` holds.  Cheaper than a task per condition; `_drive` is the only waiter,
+        and whatever `done` reads pokes `_wake` when it changes."""
+        while not done():
+            self._wake = trio.Event()
+            await self._wake.wait()
 
     async def _send_start(self) -> bool:
         self._start_sent = True
@@ -824,7 +839,7 @@ class AttemptSession:
     async def _sample_usage(self, pid: int) -> None:
         """Peak memory, CPU and process count, sampled cheaply (fast at first, then every second)."""
         interval = 0.05
-        if self._joined:  # its cgroup counts memory, processes and CPU already: nothing to catch at once
+        if self._group is not None:  # its cgroup counts memory, processes and CPU: nothing to catch at once
             await trio.sleep(interval)
         while not self._exited.is_set():
             pids = tree_pids(pid)
@@ -991,13 +1006,21 @@ def _error(type_: str, message: str, traceback: str) -> dict[str, str]:
     return {"type": type_, "message": message, "traceback": traceback}
 
 
-async def _first(*waits: Callable[[], Awaitable[object]]) -> None:
-    """Return as soon as any of the awaitables completes."""
-    async with trio.open_nursery() as nursery:
-        for wait in waits:
+class _Signal:
+    """A one-way flag like trio.Event that also pokes its session, so one wait covers several flags."""
 
-            async def one(w: Callable[[], Awaitable[object]] = wait) -> None:
-                await w()
-                nursery.cancel_scope.cancel()
+    __slots__ = ("_event", "_poke")
 
-            nursery.start_soon(one)
+    def __init__(self, poke: Callable[[], None]) -> None:
+        self._event = trio.Event()
+        self._poke = poke
+
+    def set(self) -> None:
+        self._event.set()
+        self._poke()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    async def wait(self) -> None:
+        await self._event.wait()
