@@ -180,3 +180,11 @@ async def test_a_cold_started_step_joins_its_own_cgroup_in_every_hierarchy_befor
     hierarchies = {h.role for h in groups.support.hierarchies}
     joined = [line for line in lines if "/att-" in line]
     assert len(joined) == len(hierarchies), lines  # one attempt cgroup per hierarchy this host has
+
+
+async def test_limits_key_is_equal_for_equal_limits_and_differs_otherwise() -> None:
+    from liberty.jobs.supervisor.warm import limits_key
+
+    a, b, other = Limits(memory_mb=64, readable=["/x"]), Limits(memory_mb=64, readable=["/x"]), Limits(memory_mb=65)
+    assert limits_key(a) == limits_key(a) == limits_key(b)
+    assert limits_key(a) != limits_key(other)

@@ -62,7 +62,18 @@ class PreparedChild:
 
 
 def limits_key(limits: Limits) -> str:
-    return json.dumps(attrs.asdict(limits), sort_keys=True)
+    """Equal limits, equal key.  Remembered per `Limits` object: a job's steps keep theirs from run to run."""
+    known = _KEYS.get(id(limits))
+    if known is not None and known[0] is limits:
+        return known[1]
+    key = json.dumps(attrs.asdict(limits), sort_keys=True)
+    if len(_KEYS) >= 256:
+        _KEYS.clear()
+    _KEYS[id(limits)] = (limits, key)  # holding the object keeps its id from being reused
+    return key
+
+
+_KEYS: dict[int, tuple[Limits, str]] = {}
 
 
 async def prepare_child(
