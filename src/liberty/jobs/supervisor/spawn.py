@@ -67,7 +67,11 @@ class ChildHandle:
 
     async def aclose(self) -> None:
         for stream in (self.to_child, self.from_child, self.stdout, self.stderr):
-            await stream.aclose()
+            if isinstance(stream, trio.lowlevel.FdStream):
+                stream.close()  # one checkpoint for the four, below
+            else:
+                await stream.aclose()
+        await trio.lowlevel.checkpoint()
 
 
 PIPE_BYTES = 1024 * 1024
@@ -126,6 +130,13 @@ async def reap_adopted(pid: int) -> int:
     Right after it was forked its parent may not have exited yet, so ECHILD
     for a short while means "not ours yet", not "gone".
     """
+    try:
+        got, status = os.waitpid(pid, os.WNOHANG)  # usually it has exited already: no pidfd then
+    except ChildProcessError:
+        got, status = 0, 0  # not (yet) ours
+    if got == pid:
+        await trio.lowlevel.checkpoint()
+        return os.waitstatus_to_exitcode(status)
     try:
         pidfd = os.pidfd_open(pid)
     except ProcessLookupError:
