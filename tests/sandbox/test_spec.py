@@ -1,12 +1,13 @@
-"""SandboxSpec travels in the start message: JSON in, JSON out, strict on the way in."""
+"""SandboxSpec travels in the start message: JSON in, JSON out, strict on the way in; its readable list."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
-from liberty.jobs.sandbox import AppliedReport, SandboxSpec, probe
+from liberty.jobs.sandbox import AppliedReport, SandboxSpec, outermost, probe
 
 
 def test_spec_round_trips_through_json() -> None:
@@ -52,3 +53,20 @@ def test_probe_says_why_the_unprivileged_uid_cannot_run_this_interpreter() -> No
     found = probe(["/root/.pyenv"])
     assert found["separate_uid"]["ok"] is False
     assert "cannot read ['/root/.pyenv']" in found["separate_uid"]["detail"]
+
+
+def test_outermost_drops_paths_beneath_another_by_real_path(tmp_path: Path) -> None:
+    top = tmp_path / "top"
+    (top / "inner").mkdir(parents=True)
+    (tmp_path / "file").write_text("x")
+    link = tmp_path / "link"
+    link.symlink_to(top / "inner")
+    paths = [str(top / "inner"), str(top), str(link), str(tmp_path / "file"), str(tmp_path / "missing")]
+    assert outermost(paths) == [str(top), str(tmp_path / "file"), str(tmp_path / "missing")]
+
+
+def test_outermost_keeps_a_path_beside_a_file_or_a_prefix_that_is_not_a_parent(tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    (tmp_path / "database").mkdir()
+    paths = [str(tmp_path / "data"), str(tmp_path / "database")]
+    assert outermost(paths) == paths

@@ -4,7 +4,7 @@ Runs inside the child interpreter, so it imports neither trio nor the
 supervisor; the supervisor may import it (for `probe()` and `SandboxSpec`).
 """
 
-from .apply import DEVICES, AppliedReport, Measure, SandboxSpec, apply, default_readable
+from .apply import DEVICES, AppliedReport, Measure, SandboxSpec, apply, default_readable, outermost
 from .landlock import abi_version as landlock_abi
 from .probe import probe, unprivileged_user
 
@@ -16,6 +16,7 @@ __all__ = [
     "apply",
     "default_readable",
     "landlock_abi",
+    "outermost",
     "probe",
     "unprivileged_user",
 ]

@@ -74,8 +74,8 @@ class _CapData(ctypes.Structure):
     _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
 
 
-def drop_capabilities() -> None:
-    """Drop every capability for good, staying at the current uid.
+def drop_capabilities() -> int:
+    """Drop every capability for good, staying at the current uid; return the bounding set left.
 
     The bounding set is emptied first (needs CAP_SETPCAP) so a later execve
     cannot hand root its capabilities back; securebits make uid 0 ordinary.
@@ -84,7 +84,7 @@ def drop_capabilities() -> None:
         prctl(PR_SET_SECUREBITS, _SECURE_NOROOT_ALL)
     except PermissionError:
         pass  # no CAP_SETPCAP: nothing to guard, we hold no capabilities worth keeping
-    empty_bounding_set()
+    bounding = empty_bounding_set()
     try:
         prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
     except OSError:
@@ -94,13 +94,18 @@ def drop_capabilities() -> None:
     if _libc.capset(ctypes.byref(header), data) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"capset: {os.strerror(err)}")
+    return bounding
 
 
-def empty_bounding_set() -> None:
-    """Drop what is left in the bounding set; the capabilities held now stay until `capset`.
+def empty_bounding_set() -> int:
+    """Drop what is left in the bounding set; return what stays in it (0 unless refused).
 
-    The zygote empties its own once, so its attempts (which inherit it) have nothing left to drop.
+    The capabilities held now stay until `capset`.  The zygote empties its own
+    once, so its attempts (which inherit it) have nothing left to drop.
     """
+    global _bounding_empty
+    if _bounding_empty:
+        return 0  # a bounding set only ever shrinks, for this process and all it forks
     remaining = bounding_capabilities()
     for cap in range(_last_cap() + 1):
         if not remaining >> cap & 1:
@@ -111,6 +116,22 @@ def empty_bounding_set() -> None:
             break
         except OSError:
             continue
+        remaining &= ~(1 << cap)
+    _bounding_empty = remaining == 0
+    return remaining
+
+
+_bounding_empty = False
+
+
+def held_capabilities() -> int:
+    """The effective set, from capget(2): cheaper than reading /proc/self/status."""
+    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    if _libc.capget(ctypes.byref(header), data) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"capget: {os.strerror(err)}")
+    return data[0].effective | data[1].effective << 32
 
 
 def effective_capabilities() -> int:

@@ -22,7 +22,7 @@ import trio
 
 from ..config import Limits
 from ..errors import NomaflowError
-from ..sandbox import SandboxSpec, default_readable
+from ..sandbox import SandboxSpec, default_readable, outermost
 from ..sandbox.prctl import set_dumpable
 from .cgroups import AttemptCgroup, CgroupManager
 from .processes import direct_children, stat_fields
@@ -154,7 +154,7 @@ class Containment:
 
     @functools.lru_cache(maxsize=32)  # noqa: B019  (one Containment per Supervisor; a few distinct lists)
     def _readable(self, extra: tuple[str, ...]) -> tuple[str, ...]:
-        return tuple(default_readable(str(self.plugins), *extra))
+        return tuple(outermost(default_readable(str(self.plugins), *extra)))
 
     def contain(self, name: str, limits: Limits) -> AttemptCgroup | None:
         """A fresh cgroup with the step's limits, for the child to join (`sandbox_spec`) before any plugin code.
