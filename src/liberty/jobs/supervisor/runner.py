@@ -49,7 +49,7 @@ class RunHandle:
 
     run_id: str
     job: Job
-    cancel_event: trio.Event = attrs.field(factory=trio.Event)
+    cancel_event: trio.Event = attrs.field(factory=trio.Event)  # set it with `request_cancel()`, which also wakes the attempt
     finished: trio.Event = attrs.field(factory=trio.Event)
     _supervisor: Supervisor | None = None
     record: RunView | None = None  # the finished run, read in the same hop that finished it
