@@ -18,8 +18,9 @@ from liberty.jobs.child import forking
 from liberty.jobs.supervisor import become_subreaper
 
 _ZYGOTE = r"""
-import json, os, signal, sys, threading
+import json, os, signal, ssl, sys, threading
 from liberty.jobs.child import forking
+ssl.RAND_bytes(16)  # OpenSSL's generator is seeded before the fork: the child must not replay it
 forker = forking.SiblingForker() if sys.argv[1] == "auto" else None
 if forker is None:
     forker = forking.SiblingForker.__new__(forking.SiblingForker)
@@ -32,11 +33,12 @@ if pid == 0:
     signal.raise_signal(signal.SIGUSR1)       # glibc raise() reads the cached thread id
     t = threading.Thread(target=lambda: got.append("thread"))
     t.start(); t.join()
-    os.write(w, json.dumps({"pid": os.getpid(), "ppid": os.getppid(), "got": got}).encode())
+    os.write(w, json.dumps({"pid": os.getpid(), "ppid": os.getppid(), "got": got, "openssl": ssl.RAND_bytes(16).hex()}).encode())
     os._exit(7)
 os.close(w)
 child = json.loads(os.read(r, 4096))
-print(json.dumps({"method": forker.method, "why": forker.why, "zygote": os.getpid(), "forked": pid, **{"child": child}}), flush=True)
+print(json.dumps({"method": forker.method, "why": forker.why, "zygote": os.getpid(), "forked": pid, "child": child,
+                  "openssl": ssl.RAND_bytes(16).hex()}), flush=True)
 """
 
 
@@ -86,3 +88,10 @@ def test_clone_parent_process_has_the_supervisor_as_parent_from_birth() -> None:
     _reap(report["forked"])
     assert report["child"]["ppid"] == os.getpid()
     assert report["zygote"] != os.getpid()
+
+
+@pytest.mark.parametrize("mode", ["auto", "double-fork"])
+def test_the_new_process_does_not_replay_openssls_random_bytes(mode: str) -> None:
+    report = _run_zygote(mode)
+    _reap(report["forked"])
+    assert report["child"]["openssl"] != report["openssl"]

@@ -30,7 +30,14 @@ def cmdline(ctx, **_):
 
 
 def randomness(ctx, **_):
-    return {"random": random.random(), "state": hash(random.getstate()), "cmdline": cmdline(ctx)}
+    import ssl
+
+    return {
+        "random": random.random(),
+        "state": hash(random.getstate()),
+        "openssl": ssl.RAND_bytes(16).hex(),  # OpenSSL reseeds on a pid change, with no fork handler
+        "cmdline": cmdline(ctx),
+    }
 
 
 def fds(ctx, **_):
@@ -106,6 +113,7 @@ async def test_two_attempts_see_different_random_state(plugins: Path) -> None:
     assert forked_from_zygote(first["cmdline"]) and forked_from_zygote(second["cmdline"])
     assert first["random"] != second["random"]
     assert first["state"] != second["state"]
+    assert first["openssl"] != second["openssl"]
 
 
 async def test_an_attempt_inherits_no_fds_beyond_stdio_and_the_protocol_pipes(plugins: Path) -> None:
