@@ -70,10 +70,6 @@ class Containment:
             if self.cgroups is not None:
                 await trio.to_thread.run_sync(self.cgroups.close)
 
-    def usage(self, group: AttemptCgroup) -> dict[str, Any]:
-        """The attempt's usage as its cgroup counted it; read before `discard`.  A few small cgroupfs reads."""
-        return dict(group.usage())
-
     def discard(self, group: AttemptCgroup | None, workdir: str | None) -> trio.Event:
         """Leave an ended attempt's cgroup (killed, emptied, removed) and work directory to the janitor.
 
@@ -101,16 +97,19 @@ class Containment:
                 done.set()
 
     def _clean(self, leftovers: list[tuple[AttemptCgroup | None, str | None, trio.Event]]) -> None:
+        released: list[str] = []
         for group, workdir, _ in leftovers:
             if group is not None and self.cgroups is not None:
                 try:
                     if not self.cgroups.release(group):
                         _log.warning("attempt cgroup %s left behind: %s", group.name, group.leftover)
-                    reap_zombies_from(f"att-{group.name}")
+                    released.append(f"att-{group.name}")
                 except (OSError, NomaflowError) as exc:  # one attempt's leftovers must not stop the others'
                     _log.warning("could not clean up the cgroup of attempt %s: %s", group.name, exc)
             if workdir is not None:
                 shutil.rmtree(workdir, ignore_errors=True)
+        if released:
+            reap_zombies_from(*released)  # one pass over our children for the whole batch
 
     def sandbox_spec(self, limits: Limits, workdir: str, group: AttemptCgroup | None = None) -> dict[str, Any] | None:
         """What the child applies to itself on `prepare`, joining `group` first."""
@@ -170,10 +169,10 @@ class Containment:
         return self.cgroups.create(_NAME.sub("_", name)[:120], memory_mb=limits.memory_mb, max_processes=max_processes)
 
 
-def reap_zombies_from(cgroup_name: str) -> int:
-    """Reap the killed escapees that re-parented to us (the subreaper) from one attempt's cgroup.
+def reap_zombies_from(*cgroup_names: str) -> int:
+    """Reap the killed escapees that re-parented to us (the subreaper) from these attempts' cgroups.
 
-    A zombie still names its cgroup in /proc/<pid>/cgroup, so only that attempt's
+    A zombie still names its cgroup in /proc/<pid>/cgroup, so only those attempts'
     are taken; nothing another part of this process started is touched.
     """
     reaped = 0
@@ -183,13 +182,18 @@ def reap_zombies_from(cgroup_name: str) -> int:
             continue
         try:
             with open(f"/proc/{pid}/cgroup") as f:
-                if not any(line.rstrip().removesuffix(" (deleted)").endswith("/" + cgroup_name) or f"/{cgroup_name}/" in line for line in f):
+                if not any(_names(line, name) for line in f for name in cgroup_names):
                     continue
             if os.waitpid(pid, os.WNOHANG)[0] == pid:
                 reaped += 1
         except (OSError, ChildProcessError):
             continue
     return reaped
+
+
+def _names(cgroup_line: str, name: str) -> bool:
+    """Whether a /proc/<pid>/cgroup line is cgroup `name` or beneath it."""
+    return cgroup_line.rstrip().removesuffix(" (deleted)").endswith("/" + name) or f"/{name}/" in cgroup_line
 
 
 def sandbox_problem(report: dict[str, Any]) -> str | None:

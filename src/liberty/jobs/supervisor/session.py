@@ -226,8 +226,8 @@ class AttemptSession:
                     except ChildProcessError as exc:
                         await self._note("WARNING", f"could not collect the child's exit status: {exc}")
                     await child.aclose()
-                    if self._group is not None and self._containment is not None:
-                        self._group_usage = self._containment.usage(self._group)
+                    if self._group is not None:
+                        self._group_usage = self._group.usage()  # a few small reads, before the janitor removes it
         finally:
             if self._containment is not None:
                 self.cleaned = self._containment.discard(self._group, workdir)
