@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import psutil
 
 from liberty.jobs.history import LogLine
@@ -18,3 +20,12 @@ def gone(pid: int) -> bool:
         return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return True
+
+
+def plugins_dir(tmp_path: Path, **modules: str) -> Path:
+    """A fresh plugins directory under `tmp_path` holding `<name>.py` for each module source given."""
+    path = tmp_path / "plugins"
+    path.mkdir()
+    for name, source in modules.items():
+        (path / f"{name}.py").write_text(source)
+    return path

@@ -10,6 +10,7 @@ import trio
 
 from liberty.jobs import Job, Limits, Step, Supervisor
 from liberty.jobs.supervisor.containment import Containment, sandbox_gaps, sandbox_problem
+from supervisor_helpers import plugins_dir
 
 APPLIED = {"applied": True, "detail": "ok"}
 
@@ -59,13 +60,11 @@ def test_a_prepared_report_silent_about_the_cgroup_asked_for_is_a_bad_handshake(
 
 @pytest.fixture
 def plugins(tmp_path: Path) -> Path:
-    path = tmp_path / "plugins"
-    path.mkdir()
-    (path / "where.py").write_text(
-        "import os\n\n\nasync def am_i(ctx, **_):\n"
-        "    return {'cwd': os.getcwd(), 'cgroup': open('/proc/self/cgroup').read()}\n"
+    return plugins_dir(
+        tmp_path,
+        where="import os\n\n\nasync def am_i(ctx, **_):\n"
+        "    return {'cwd': os.getcwd(), 'cgroup': open('/proc/self/cgroup').read()}\n",
     )
-    return path
 
 
 @pytest.mark.trio

@@ -27,7 +27,7 @@ import trio
 from liberty.jobs import Job, Limits, Step, Supervisor
 from liberty.jobs.history import AttemptRecord, LogLine, RunView
 from liberty.jobs.supervisor.containment import FD_RESERVE, THREAD_RESERVE
-from supervisor_helpers import gone, messages
+from supervisor_helpers import gone, messages, plugins_dir
 
 pytestmark = pytest.mark.trio
 
@@ -39,10 +39,7 @@ MiB = 1024 * 1024
 
 @pytest.fixture
 def plugins(tmp_path: Path) -> Path:
-    path = tmp_path / "plugins"
-    path.mkdir()
-    (path / "healthy.py").write_text("async def fine(ctx, **_):\n    return {'fine': True}\n")
-    return path
+    return plugins_dir(tmp_path, healthy="async def fine(ctx, **_):\n    return {'fine': True}\n")
 
 
 def plugin(plugins: Path, source: str, name: str = "hostile") -> str:

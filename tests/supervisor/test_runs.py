@@ -19,7 +19,7 @@ from liberty.jobs import Job, Limits, Retry, Step, Supervisor
 from liberty.jobs.errors import NomaflowError
 from liberty.jobs.history import HistoryStore
 from liberty.jobs.history import LogLine, RunView
-from supervisor_helpers import gone, messages
+from supervisor_helpers import gone, messages, plugins_dir
 
 pytestmark = pytest.mark.trio
 
@@ -34,9 +34,7 @@ both_start_modes = pytest.mark.parametrize("start_mode", ["zygote", "spawn"])
 
 @pytest.fixture
 def plugins(tmp_path: Path) -> Path:
-    path = tmp_path / "plugins"
-    path.mkdir()
-    return path
+    return plugins_dir(tmp_path)
 
 
 def plugin(plugins: Path, source: str, name: str = "p") -> str:

@@ -13,7 +13,7 @@ from liberty.jobs import Job, Limits, Step, Supervisor
 from liberty.jobs.errors import ConfigError
 from liberty.jobs.supervisor.warm import SparePool
 
-from supervisor_helpers import gone
+from supervisor_helpers import gone, plugins_dir
 
 pytestmark = [pytest.mark.trio, pytest.mark.timeout(60)]
 
@@ -30,10 +30,7 @@ def whoami(ctx, **_):
 
 @pytest.fixture
 def plugins(tmp_path: Path) -> Path:
-    path = tmp_path / "plugins"
-    path.mkdir()
-    (path / "probes.py").write_text(PROBES)
-    return path
+    return plugins_dir(tmp_path, probes=PROBES)
 
 
 def job(limits: Limits | None = None) -> Job:

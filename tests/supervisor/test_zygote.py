@@ -15,6 +15,7 @@ import trio
 
 from liberty.jobs import Job, Step, Supervisor
 from liberty.jobs.history import RunView
+from supervisor_helpers import plugins_dir
 
 pytestmark = [pytest.mark.trio, pytest.mark.timeout(60)]
 
@@ -63,10 +64,7 @@ FORBIDDEN_MODULES = ("alpha", "sqlite3", "_sqlite3", "trio", "psutil", "httpx", 
 
 @pytest.fixture
 def plugins(tmp_path: Path) -> Path:
-    path = tmp_path / "plugins"
-    path.mkdir()
-    (path / "probes.py").write_text(PROBES)
-    return path
+    return plugins_dir(tmp_path, probes=PROBES)
 
 
 def step(python: str, name: str = "s") -> Step:
