@@ -186,6 +186,21 @@ def test_kill_takes_a_setsid_double_forked_daemon(manager: CgroupManager) -> Non
         assert manager.release(group)
 
 
+def test_kill_of_a_cgroup_whose_processes_have_exited_says_none_is_left(manager: CgroupManager) -> None:
+    group = manager.create("emptied")
+    assert group is not None
+    proc = subprocess.Popen([sys.executable, "-c", "pass"], stdin=subprocess.PIPE)
+    try:
+        group.add(proc.pid)
+        assert proc.wait(timeout=30) == 0
+        assert group.procs() == []
+        assert group.kill()
+        assert group.procs() == []
+    finally:
+        _reap(proc)  # type: ignore[arg-type]
+        assert manager.release(group)
+
+
 def test_kill_without_cgroup_kill_freezes_and_signals_the_daemon_too() -> None:
     support = detect()
     v1_only = attrs.evolve(

@@ -51,6 +51,15 @@ def fds(ctx, **_):
     return found
 
 
+def environment(ctx, **_):
+    import ctypes
+
+    libc = ctypes.CDLL(None)
+    libc.getenv.restype = ctypes.c_char_p
+    return {"os": dict(os.environ), "cwd": os.getcwd(),
+            "libc": {k: (libc.getenv(k.encode()) or b"").decode() for k in os.environ}}
+
+
 def uses_sqlite(ctx, **_):
     import sqlite3
 
@@ -132,6 +141,16 @@ async def test_an_attempt_inherits_no_fds_beyond_stdio_and_the_protocol_pipes(pl
         return {fd: target.split("[")[0] for fd, target in table.items()}
 
     assert kinds(forked) == kinds(spawned), "a forked attempt's descriptors differ from a freshly spawned one's"
+
+
+async def test_an_attempt_has_exactly_the_environment_the_supervisor_sent(plugins: Path) -> None:
+    async with Supervisor(plugins=plugins, history=":memory:") as sup:
+        [forked] = succeeded(await sup.run(job(step("probes:environment"))))
+    async with Supervisor(plugins=plugins, history=":memory:", start_mode="spawn") as sup:
+        [spawned] = succeeded(await sup.run(job(step("probes:environment"))))
+    assert set(forked["os"]) == set(spawned["os"]), (forked["os"], spawned["os"])
+    assert forked["os"]["HOME"] == forked["os"]["TMPDIR"] == forked["cwd"] != "/"
+    assert forked["libc"] == forked["os"], "os.environ and the C library's environment disagree"
 
 
 async def test_the_zygote_runs_no_threads(plugins: Path) -> None:

@@ -45,6 +45,7 @@ def install_plugins_path(plugins_dir: str) -> None:
 
 
 _REHEARSAL_MODULE = "_nomaflow_rehearsal"
+_REHEARSAL_SOURCE = b"async def step(ctx, **_):\n    return None\n"
 
 
 def rehearse_import(plugins_dir: str, scratch_dir: str) -> None:
@@ -55,10 +56,16 @@ def rehearse_import(plugins_dir: str, scratch_dir: str) -> None:
     machinery.PathFinder.find_spec("_nomaflow_no_such_module_", [plugins_dir])
     path = os.path.join(scratch_dir, _REHEARSAL_MODULE + ".py")
     try:
-        with open(path, "x") as f:
-            f.write("async def step(ctx, **_):\n    return None\n")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     except OSError:
         return  # nowhere to write: the step's import is only a little slower
+    try:
+        os.write(fd, _REHEARSAL_SOURCE)
+    except OSError:
+        os.unlink(path)
+        return
+    finally:
+        os.close(fd)
     sys.path_importer_cache[scratch_dir] = machinery.FileFinder(scratch_dir, (_FreshSourceLoader, machinery.SOURCE_SUFFIXES))
     sys.path.insert(0, scratch_dir)
     try:

@@ -27,6 +27,7 @@ from . import loader as _loader  # noqa: F401
 from . import runtime
 from .forking import SiblingForker
 from .. import sandbox as _sandbox  # noqa: F401
+from .._sysfiles import write_small
 from ..sandbox import prctl as _prctl
 
 ZYGOTE_FD_ENV = "NOMAFLOW_ZYGOTE_FD"
@@ -76,6 +77,16 @@ def main() -> None:
             os._exit(0)  # the supervisor is gone
 
 
+def _replace_environ(env: dict[str, str]) -> None:
+    """Make `os.environ` exactly `env`, touching only what differs (most of it is the zygote's own)."""
+    current = os.environ
+    for key in [k for k in current if k not in env]:
+        del current[key]
+    for key, value in env.items():
+        if current.get(key) != value:
+            current[key] = value
+
+
 def _received_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
     fds: list[int] = []
     for level, kind, payload in ancdata:
@@ -89,8 +100,7 @@ def _received_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
 def _set_name(name: str) -> None:
     """What `ps -o comm` and `top` show for this process (15 bytes at most)."""
     try:
-        with open("/proc/self/comm", "w") as f:
-            f.write(name)
+        write_small("/proc/self/comm", name.encode())
     except OSError:
         pass  # cosmetic: a process keeps its inherited name
 
@@ -113,8 +123,7 @@ def _become_attempt(sock: socket.socket, request: dict, fds: list[int]) -> None:
         os.dup2(err_w, 2)
         os.close(out_w)
         os.close(err_w)
-        os.environ.clear()
-        os.environ.update(request["env"])
+        _replace_environ(request["env"])
         os.chdir(request["cwd"])
         random.seed()
         fd_in, fd_out = runtime.adopt_protocol_fds(f"{proto_in},{proto_out}")

@@ -18,6 +18,7 @@ from typing import Any
 
 import attrs
 
+from .._sysfiles import read_small, write_small
 from . import landlock, namespaces, prctl, rlimits
 
 DEVICES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom")
@@ -201,8 +202,7 @@ def outermost(paths: list[str]) -> list[str]:
 
 def _thread_count() -> int:
     try:
-        with open("/proc/self/stat", "rb") as f:
-            return int(f.read().rsplit(b")", 1)[1].split()[17])  # num_threads
+        return int(read_small("/proc/self/stat").rsplit(b")", 1)[1].split()[17])  # num_threads
     except (OSError, ValueError, IndexError):
         return 1
 
@@ -260,8 +260,7 @@ def _try(report: AppliedReport, name: str, action: Callable[[], str]) -> bool:
 
 def _join_cgroups(directories: list[str]) -> str:
     for directory in directories:
-        with open(os.path.join(directory, "cgroup.procs"), "w") as f:
-            f.write("0")  # "0": the writing process
+        write_small(os.path.join(directory, "cgroup.procs"), b"0")  # "0": the writing process
     return f"joined {len(directories)} hierarch{'y' if len(directories) == 1 else 'ies'}"
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import attrs
 
+from .._sysfiles import read_small, write_small
 from ..errors import NomaflowError
 
 PREFIX = "nomaflow"
@@ -148,13 +149,11 @@ def _probe_dir(base: str, missing: dict[str, str], piece: str) -> Path | None:
 
 
 def _write(path: Path, value: str) -> None:
-    with open(path, "w") as f:
-        f.write(value)
+    write_small(path, value.encode())
 
 
 def _read(path: Path) -> str:
-    with open(path) as f:
-        return f.read()
+    return read_small(path).decode()
 
 
 def _probe_v1(role: str, hierarchy: Hierarchy, missing: dict[str, str]) -> bool:
@@ -313,6 +312,14 @@ def _read_procs(directory: Path) -> list[int]:
         return []
 
 
+def _unpopulated(v2_directory: Path) -> bool:
+    """True when no process is in this cgroup or beneath it (v2's `cgroup.events`)."""
+    try:
+        return _keyed(v2_directory / "cgroup.events", "populated") == 0
+    except OSError:
+        return False
+
+
 def _keyed(path: Path, key: str) -> int | None:
     try:
         for line in _read(path).splitlines():
@@ -379,6 +386,10 @@ class AttemptCgroup:
     def kill(self) -> bool:
         """SIGKILL the whole population, forks racing the kill included; True if none is left."""
         kill_dir = self._kill_dir
+        if kill_dir is not None and _unpopulated(kill_dir):
+            # Nobody left to fork into it.  Unlike cgroup.kill, this read does not wait
+            # for the kernel's cgroup mutex, which every mkdir and rmdir of a cgroup holds.
+            return True
         if kill_dir is not None and (kill_dir / "cgroup.kill").exists():
             try:
                 _write(kill_dir / "cgroup.kill", "1")
