@@ -141,3 +141,21 @@ def test_landlock_alone_denies_tcp_where_no_network_namespace_exists(run_sandbox
         """,
     )
     assert out.result == {"connect": {"ok": False, "error": "PermissionError", "errno": errno.EACCES}}
+
+
+def test_a_rule_on_a_file_keeps_only_the_rights_a_file_can_have(tmp_path: Path) -> None:
+    from liberty.jobs.sandbox import landlock
+
+    (tmp_path / "f").write_text("x")
+    rules = landlock.Ruleset()
+    try:
+        assert rules.allow(str(tmp_path), landlock.READ_WRITE)
+        assert rules.allow(str(tmp_path / "f"), landlock.READ_WRITE)
+        assert not rules.allow(str(tmp_path / "missing"), landlock.READ_WRITE)
+    finally:
+        rules.close()
+    (dir_path, dir_rights), (file_path, file_rights) = rules.rules
+    assert (dir_path, dir_rights) == (str(tmp_path), landlock.READ_WRITE & rules.handled_fs)
+    assert (file_path, file_rights) == (str(tmp_path / "f"), landlock.READ_WRITE & rules.handled_fs & landlock._FILE_ONLY_RIGHTS)
+    assert file_rights != dir_rights
+    assert [p for p, _ in rules.skipped] == [str(tmp_path / "missing")]

@@ -13,7 +13,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import stat
 import sys
 
 _SYSCALLS = {  # identical on every architecture that has Landlock (generic table, added after unification)
@@ -149,15 +148,17 @@ class Ruleset:
 
     def allow(self, path: str, rights: int) -> bool:
         """Grant `rights` beneath `path`; a missing path is noted in `skipped`, not an error."""
+        rights &= self.handled_fs
         try:
-            fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+            try:
+                fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)  # most rules are directories: no fstat
+            except NotADirectoryError:
+                fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+                rights &= _FILE_ONLY_RIGHTS
         except OSError as exc:
             self.skipped.append((path, exc.strerror or str(exc)))
             return False
         try:
-            rights &= self.handled_fs
-            if not stat.S_ISDIR(os.fstat(fd).st_mode):
-                rights &= _FILE_ONLY_RIGHTS
             attr = _PathBeneathAttr(rights, fd)
             _syscall("add_rule", ctypes.c_int(self._fd), ctypes.c_int(_RULE_PATH_BENEATH), ctypes.byref(attr), ctypes.c_uint32(0))
         finally:
