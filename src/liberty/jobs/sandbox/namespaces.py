@@ -13,6 +13,7 @@ import os
 import socket
 import struct
 
+from .._sysfiles import write_small
 from . import prctl
 
 CLONE_NEWNET = 0x40000000
@@ -30,11 +31,6 @@ def unshare(flags: int) -> None:
         raise OSError(err, f"unshare({flags:#x}): {os.strerror(err)}")
 
 
-def _write(path: str, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
-
-
 def enter_user_namespace() -> None:
     """Become root of a new user namespace, mapped to our own ids (no other id is reachable)."""
     uid, gid = os.geteuid(), os.getegid()
@@ -44,9 +40,9 @@ def enter_user_namespace() -> None:
     if not was_dumpable:
         prctl.set_dumpable(True)
     try:
-        _write("/proc/self/setgroups", "deny")
-        _write("/proc/self/uid_map", f"{uid} {uid} 1\n")
-        _write("/proc/self/gid_map", f"{gid} {gid} 1\n")
+        write_small("/proc/self/setgroups", b"deny")
+        write_small("/proc/self/uid_map", f"{uid} {uid} 1\n".encode())
+        write_small("/proc/self/gid_map", f"{gid} {gid} 1\n".encode())
     finally:
         if not was_dumpable:
             prctl.set_dumpable(False)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import ctypes
 import os
 
+from .._sysfiles import read_small
+
 PR_SET_DUMPABLE = 4
 PR_GET_DUMPABLE = 3
 PR_CAPBSET_DROP = 24
@@ -60,8 +62,7 @@ def has_no_new_privs() -> bool:
 
 def _last_cap() -> int:
     try:
-        with open("/proc/sys/kernel/cap_last_cap") as f:
-            return int(f.read())
+        return int(read_small("/proc/sys/kernel/cap_last_cap"))
     except OSError:
         return 40
 
@@ -145,10 +146,9 @@ def bounding_capabilities() -> int:
 def capability_sets() -> dict[str, int]:
     """CapInh, CapPrm, CapEff, CapBnd and CapAmb of this thread, from one read of /proc/self/status."""
     sets = {"CapInh": 0, "CapPrm": 0, "CapEff": 0, "CapBnd": 0, "CapAmb": 0}
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("Cap"):
-                key, _, value = line.partition(":")
-                if key in sets:
-                    sets[key] = int(value.split()[0], 16)
+    for line in read_small("/proc/self/status").decode().splitlines():
+        if line.startswith("Cap"):
+            key, _, value = line.partition(":")
+            if key in sets:
+                sets[key] = int(value.split()[0], 16)
     return sets

@@ -33,6 +33,7 @@ import attrs
 
 from .._sysfiles import read_small, write_small
 from ..errors import NomaflowError
+from .processes import stat_fields
 
 PREFIX = "nomaflow"
 _POLL_S = 0.005
@@ -530,12 +531,8 @@ class _Freeze:
 
 def _start_time(pid: int) -> str | None:
     """Field 22 of /proc/<pid>/stat: with the pid, a process identity that survives pid reuse."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            data = f.read()
-    except OSError:
-        return None
-    return data.rpartition(")")[2].split()[19]
+    fields = stat_fields(pid)
+    return fields[19].decode() if fields else None
 
 
 def supervisor_tag(pid: int | None = None) -> str:

@@ -20,6 +20,7 @@ from typing import Any
 
 import trio
 
+from .._sysfiles import read_small
 from ..config import Limits
 from ..errors import NomaflowError
 from ..sandbox import SandboxSpec, default_readable, outermost
@@ -181,9 +182,9 @@ def reap_zombies_from(*cgroup_names: str) -> int:
         if not fields or fields[0] != b"Z":
             continue
         try:
-            with open(f"/proc/{pid}/cgroup") as f:
-                if not any(_names(line, name) for line in f for name in cgroup_names):
-                    continue
+            lines = read_small(f"/proc/{pid}/cgroup").decode().splitlines()
+            if not any(_names(line, name) for line in lines for name in cgroup_names):
+                continue
             if os.waitpid(pid, os.WNOHANG)[0] == pid:
                 reaped += 1
         except (OSError, ChildProcessError):

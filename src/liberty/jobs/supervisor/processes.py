@@ -16,6 +16,8 @@ from collections.abc import Iterable
 
 import psutil
 
+from .._sysfiles import read_small
+
 ATTEMPT_TOKEN_ENV = "NOMAFLOW_ATTEMPT"
 _PR_SET_CHILD_SUBREAPER = 36
 
@@ -46,8 +48,7 @@ def tree_pids(pid: int) -> list[int]:
             continue
         for tid in tasks:
             try:
-                with open(f"/proc/{current}/task/{tid}/children", "rb") as f:
-                    stack.extend(int(x) for x in f.read().split())
+                stack.extend(int(x) for x in read_small(f"/proc/{current}/task/{tid}/children").split())
             except (OSError, ValueError):
                 continue
     return out
@@ -59,8 +60,7 @@ def stat_fields(pid: int) -> list[bytes] | None:
     Still readable for a zombie; the name is cut at its last ")" since it may hold spaces.
     """
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()
+        return read_small(f"/proc/{pid}/stat").rsplit(b")", 1)[1].split()
     except (OSError, IndexError):
         return None
 
@@ -83,8 +83,7 @@ def direct_children() -> list[int]:
     """Our children as the main thread sees them: where orphans re-parent to a subreaper."""
     me = os.getpid()
     try:
-        with open(f"/proc/{me}/task/{me}/children", "rb") as f:
-            return [int(x) for x in f.read().split()]
+        return [int(x) for x in read_small(f"/proc/{me}/task/{me}/children").split()]
     except (OSError, ValueError):
         return []
 

@@ -28,6 +28,7 @@ import attrs
 import psutil
 import trio
 
+from .._sysfiles import read_small
 from ..config import Step
 from ..errors import ProtocolError
 from ..protocol.values import BatchBuilder, decode_value, encode_exception, encode_value
@@ -957,10 +958,9 @@ _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 def _vm_hwm(pid: int) -> int:
     try:
-        with open(f"/proc/{pid}/status", "rb") as f:
-            for line in f:
-                if line.startswith(b"VmHWM:"):
-                    return int(line.split()[1]) * 1024
+        for line in read_small(f"/proc/{pid}/status").splitlines():
+            if line.startswith(b"VmHWM:"):
+                return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
     return 0
@@ -981,8 +981,7 @@ def _depth(value: Any) -> int:
 
 def _rss(pid: int) -> int:
     try:
-        with open(f"/proc/{pid}/statm", "rb") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        return int(read_small(f"/proc/{pid}/statm").split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return 0
 
