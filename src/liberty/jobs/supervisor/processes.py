@@ -36,8 +36,13 @@ def tree_pids(pid: int) -> list[int]:
 
     Costs O(size of the tree), where psutil's `children()` reads every process
     on the host: this runs for every live attempt several times a second.
+    A pid read from a children list is followed only if it still names a child
+    of that parent (`is_child_of`): between the read and the visit it may have
+    been reaped and reused, even as a thread id of the supervisor itself, whose
+    whole tree would then be counted, and killed.
     """
     out: list[int] = []
+    seen = {pid}
     stack = [pid]
     while stack:
         current = stack.pop()
@@ -48,10 +53,20 @@ def tree_pids(pid: int) -> list[int]:
             continue
         for tid in tasks:
             try:
-                stack.extend(int(x) for x in read_small(f"/proc/{current}/task/{tid}/children").split())
+                children = [int(x) for x in read_small(f"/proc/{current}/task/{tid}/children").split()]
             except (OSError, ValueError):
                 continue
+            for child in children:
+                if child not in seen and is_child_of(child, current):
+                    seen.add(child)
+                    stack.append(child)
     return out
+
+
+def is_child_of(pid: int, parent: int) -> bool:
+    """True if `pid` is now a process (or thread) whose parent process is `parent`."""
+    fields = stat_fields(pid)
+    return fields is not None and len(fields) > 1 and fields[1] == str(parent).encode()
 
 
 def stat_fields(pid: int) -> list[bytes] | None:
@@ -119,7 +134,7 @@ def kill_tree(
     processes that were re-parented to us are reaped here; the root is left
     for its owner to reap.
     """
-    spare_set = set(spare)
+    spare_set = set(spare) | _own_thread_ids()
     victims: dict[int, psutil.Process] = {}
     for _ in range(20):
         found = descendants(root_pid) + [p for p in known if p.pid not in victims]
@@ -151,6 +166,15 @@ def kill_tree(
             pass
     _reap(victims.values())
     return len(victims)
+
+
+def _own_thread_ids() -> set[int]:
+    """Our pid and every thread id of ours: a signal to any of them hits this whole process."""
+    me = os.getpid()
+    try:
+        return {int(t) for t in os.listdir(f"/proc/{me}/task")} | {me}
+    except (OSError, ValueError):
+        return {me}
 
 
 def _reap(procs: Iterable[psutil.Process]) -> None:
