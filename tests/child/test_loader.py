@@ -194,3 +194,84 @@ def test_the_import_rehearsal_leaves_no_file_module_or_path_behind(plugins: Path
     report = json.loads(proc.stdout)
     assert report["scratch"] == [] and report["path_same"] and report["cache_new"] == [] and report["modules"] == []
     assert report["result"] == "alpha"
+
+
+_AHEAD = """
+import builtins, json, pathlib, sys
+from liberty.jobs.child.loader import compile_ahead, install_plugins_path, resolve_function
+plugins, ref, edit = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+install_plugins_path(plugins)
+compiled = compile_ahead(plugins, ref)
+if edit:
+    pathlib.Path(edit[0]).write_text(edit[1])
+real_compile, compiles = builtins.compile, []
+def counting_compile(source, filename, *args, **kwargs):
+    compiles.append(filename)
+    return real_compile(source, filename, *args, **kwargs)
+builtins.compile = counting_compile
+func = resolve_function(ref, plugins)
+print(json.dumps({"compiled_ahead": compiled, "result": func(), "compiled_at_import": compiles}))
+"""
+
+
+def ahead(plugins: Path, ref: str, edit: tuple[Path, str] | None = None) -> dict[str, Any]:
+    """compile_ahead(ref), then (after an optional edit) import it, in a fresh interpreter."""
+    proc = subprocess.run(
+        [sys.executable, "-P", "-c", _AHEAD, str(plugins), ref, json.dumps([str(edit[0]), edit[1]] if edit else None)],
+        capture_output=True, text=True, timeout=60, cwd=plugins.parent,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_a_module_compiled_ahead_is_not_compiled_again_at_import(plugins: Path) -> None:
+    path = put(plugins, "steps.py", "def run():\n    return 'ahead'\n")
+    out = ahead(plugins, "steps:run")
+    assert out == {"compiled_ahead": str(plugins / "steps.py"), "result": "ahead", "compiled_at_import": []}
+    assert path.exists()
+
+
+def test_an_edit_after_compiling_ahead_is_what_runs(plugins: Path) -> None:
+    path = put(plugins, "steps.py", "def run():\n    return 'old'\n")
+    out = ahead(plugins, "steps:run", edit=(path, "def run():\n    return 'new'\n"))  # same length, same second
+    assert out["result"] == "new"
+    assert out["compiled_at_import"] == [str(path)]
+
+
+def test_a_module_in_a_package_is_compiled_ahead_without_importing_the_package(plugins: Path) -> None:
+    put(plugins, "reports/__init__.py", "raise RuntimeError('the package ran')\n")
+    put(plugins, "reports/summary.py", "def generate_monthly():\n    return 'summary'\n")
+    proc = subprocess.run(
+        [sys.executable, "-P", "-c",
+         "import sys; from liberty.jobs.child.loader import compile_ahead; "
+         "print(compile_ahead(sys.argv[1], 'reports.summary:generate_monthly')); print('reports' in sys.modules)",
+         str(plugins)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == [str(plugins / "reports" / "summary.py"), "False"]
+
+
+@pytest.mark.parametrize(
+    "ref, files",
+    [
+        ("missing:run", {}),
+        ("broken:run", {"broken.py": "def run(:\n"}),
+        ("pkg:run", {"pkg/__init__.py": "def run():\n    return 1\n"}),
+        ("..up:run", {}),
+        ("not a module:run", {}),
+        ("a/b:run", {"a/b.py": "def run():\n    return 1\n"}),
+    ],
+)
+def test_compile_ahead_does_nothing_where_there_is_nothing_safe_to_compile(plugins: Path, ref: str, files: dict[str, str]) -> None:
+    for relpath, source in files.items():
+        put(plugins, relpath, source)
+    proc = subprocess.run(
+        [sys.executable, "-P", "-c",
+         "import sys; from liberty.jobs.child.loader import compile_ahead, _compiled_ahead; "
+         "print(compile_ahead(sys.argv[1], sys.argv[2]), len(_compiled_ahead))",
+         str(plugins), ref],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["None", "0"]

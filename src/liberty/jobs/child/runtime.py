@@ -15,7 +15,7 @@ from typing import Any
 from ..protocol import PROTOCOL_FDS_ENV, PROTOCOL_VERSION, Done, Failed, Prepare, Prepared, Ready, Start, decode_parent_message, encode
 from .channel import Channel, adopt_protocol_fds
 from .context import ChildContext
-from .loader import install_plugins_path, rehearse_import, resolve_function
+from .loader import compile_ahead, install_plugins_path, rehearse_import, resolve_function
 
 
 def main() -> None:
@@ -59,6 +59,8 @@ def serve(fd_in: int, fd_out: int) -> None:
     asyncio.set_event_loop(loop)
     channel.start_reader()
     _rehearse(loop, prepare.plugins)
+    if prepare.expect:
+        compile_ahead(prepare.plugins, prepare.expect)
     channel.send(Prepared(report=report))
     start = channel.wait_start()
     if start.version != PROTOCOL_VERSION:

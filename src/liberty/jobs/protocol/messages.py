@@ -121,6 +121,10 @@ class Prepare:
 
     plugins: str
     sandbox: dict[str, Any] | None = None
+    # The step this child will most likely run ("module:function", the last one started):
+    # a hint only.  The child compiles that module's source ahead and keeps the code for
+    # an import of the very same bytes; nothing of the plugin is executed before `start`.
+    expect: str | None = None
 
 
 @_frozen

@@ -476,7 +476,7 @@ class Supervisor:
             self._sessions.add(session)
             handle._cancel_listeners.append(session.notice_cancel)
             try:
-                prepared = await self._spares.claim(step.limits) if self._spares is not None else None
+                prepared = await self._spares.claim(step.limits, step.python) if self._spares is not None else None
                 outcome = await session.run(prepared)
             finally:
                 self._sessions.discard(session)

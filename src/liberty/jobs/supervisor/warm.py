@@ -84,10 +84,12 @@ async def prepare_child(
     limits: Limits,
     name: str,
     making: set[PreparedChild] | None = None,
+    expect: str | None = None,
 ) -> PreparedChild:
     """Start a child, contain it, have it seal itself; every failure is a `PrepareError` with nothing left behind.
 
-    `making` holds the child while it is being prepared, so its owner can tell its process apart.
+    `making` holds the child while it is being prepared, so its owner can tell its process apart;
+    `expect` is the step it will most likely run (`Prepare.expect`).
     """
     token = uuid.uuid4().hex
     workdir = tempfile.mkdtemp(prefix="nomaflow-step-")
@@ -102,7 +104,7 @@ async def prepare_child(
     try:
         spare.group = await trio.to_thread.run_sync(containment.contain, f"{name}-{token[:8]}", limits)
         spec = containment.sandbox_spec(limits, workdir, spare.group)
-        await child.to_child.send_all(encode(Prepare(plugins=plugins, sandbox=spec)))
+        await child.to_child.send_all(encode(Prepare(plugins=plugins, sandbox=spec, expect=expect)))
         with trio.fail_after(PREPARE_TIMEOUT):
             ready, prepared = await _first_two(child)
         problem = ready_problem(ready, child.pid) or prepared_problem(prepared, sandbox=spec)
@@ -197,6 +199,7 @@ class SparePool:
         self._preparing: collections.Counter[str] = collections.Counter()
         self._want: str | None = None  # the key of the limits the latest start asked for
         self._want_limits = Limits()
+        self._expect: str | None = None  # the step the latest claim was for: the next spares compile it ahead
         self._failures = 0  # in a row, for the wanted limits
         self._wake = trio.Event()
         self._prepared = trio.Event()
@@ -225,7 +228,7 @@ class SparePool:
                     key = self._want
                     while key is not None and self._wanted(key):  # up to `size` prepared at once
                         self._preparing[key] += 1
-                        nursery.start_soon(self._fill_one, key, self._want_limits)
+                        nursery.start_soon(self._fill_one, key, self._want_limits, self._expect)
         finally:
             self._nursery = None
             with trio.CancelScope(shield=True):
@@ -237,7 +240,7 @@ class SparePool:
         have = len(self._ready.get(key, ())) + self._preparing[key]
         return have < self.size and self._failures < MAX_FAILURES
 
-    async def _fill_one(self, key: str, limits: Limits) -> None:
+    async def _fill_one(self, key: str, limits: Limits, expect: str | None) -> None:
         try:
             spare = await prepare_child(
                 start_child=self._start_child,
@@ -246,6 +249,7 @@ class SparePool:
                 limits=limits,
                 name="spare",
                 making=self._making,
+                expect=expect,
             )
         except PrepareError as exc:
             if key == self._want:
@@ -266,10 +270,12 @@ class SparePool:
             return
         self._ready.setdefault(key, collections.deque()).append(spare)
 
-    async def claim(self, limits: Limits) -> PreparedChild | None:
-        """A prepared child for these limits, or None (then start cold); asks for the next one."""
+    async def claim(self, limits: Limits, expect: str | None = None) -> PreparedChild | None:
+        """A prepared child for these limits, or None (then start cold); asks for the next one,
+        which compiles `expect` (the step this claim is for) ahead."""
         if self.size <= 0 or self._nursery is None:
             return None
+        self._expect = expect
         key = limits_key(limits)
         if key != self._want:
             self._want, self._want_limits, self._failures = key, limits, 0
