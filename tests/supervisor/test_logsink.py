@@ -105,3 +105,33 @@ async def test_putting_after_close_is_refused(store: HistoryStore) -> None:
         pass
     with pytest.raises(trio.ClosedResourceError):
         await sink.put_lines("run-1", "s", 1, "log", [("INFO", "late")])
+
+
+async def test_a_held_runs_lines_wait_for_release_while_other_runs_lines_are_written(store: HistoryStore) -> None:
+    sink = LogSink(store, [])
+    async with flushing(sink):
+        sink.hold("run-2")
+        await sink.put(LogLine("run-2", 1.0, "INFO", "log", "early", "s", 1))  # its row does not exist yet
+        await sink.put(LogLine("run-1", 1.0, "INFO", "log", "other", "s", 1))
+        await sink.flush()
+        assert [ln.message for ln in store.logs("run-1")] == ["other"]
+        store.create_run("run-2", "demo", session_user="u", params={}, steps=["s"], supervisor_pid=os.getpid())
+        sink.release("run-2")
+        await sink.put(LogLine("run-2", 2.0, "INFO", "log", "late", "s", 1))
+        await sink.flush()
+        assert [ln.message for ln in store.logs("run-2")] == ["early", "late"]
+
+
+async def test_a_discarded_runs_lines_are_never_written_and_free_their_budget(store: HistoryStore) -> None:
+    sink = LogSink(store, [])
+    async with flushing(sink):
+        sink.hold("ghost")
+        await sink.put_lines("ghost", "s", 1, "log", [("INFO", "x" * (BUDGET_BYTES // 2))])
+        sink.discard("ghost")
+        await sink.put(LogLine("ghost", 1.0, "INFO", "log", "after", "s", 1))
+        with trio.fail_after(10):  # the dropped half budget is free again: this does not wait for it
+            await sink.put_lines("run-1", "s", 1, "log", [("INFO", "y" * (BUDGET_BYTES * 3 // 4))])
+        await sink.flush()
+        assert sink._in_flight == 0
+    assert [len(ln.message) for ln in store.logs("run-1")] == [BUDGET_BYTES * 3 // 4]
+    assert store.logs("ghost") == []

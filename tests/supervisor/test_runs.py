@@ -979,3 +979,92 @@ async def test_usage_is_recorded_for_a_cpu_burning_step(plugins: Path) -> None:
     assert s.wall_s > 0.6 and s.cpu_s >= 0.5 and s.peak_rss_mb > 5
     record = s.attempt_records[0]
     assert record.wall_s > 0.6 and record.cpu_s >= 0.5 and record.peak_rss_mb > 5
+
+
+# --- the run's row and its first step ----------------------------------------------
+
+
+def _slow_create_run(sup: Supervisor, seconds: float, fail: bool = False) -> None:
+    """Widen the window in which `start` writes the run's row (a real write, made late)."""
+    create = sup.store.create_run
+
+    def slow(*args: Any, **kwargs: Any) -> None:
+        time.sleep(seconds)
+        if fail:
+            raise NomaflowError("the history refused the run (test)")
+        create(*args, **kwargs)
+
+    sup.store.create_run = slow  # type: ignore[method-assign]
+
+
+async def test_the_first_step_starts_while_the_run_is_recorded_and_its_early_lines_are_kept(plugins: Path) -> None:
+    mod = plugin(
+        plugins,
+        """
+        import time
+
+        async def early(ctx, **_):
+            t = time.time()
+            ctx.log.info("first thing")
+            print("printed at once", flush=True)
+            return {"t": t}
+        """,
+    )
+    async with supervisor(plugins) as sup:
+        await sup.run(job(step(f"{mod}:early")))  # warm: the next start uses a spare
+        _slow_create_run(sup, 0.5)
+        handle = await sup.start(job(step(f"{mod}:early")))
+        returned = time.time()
+        run = await handle.wait()
+        logs = sup.store.logs(run.run_id)
+    assert run.status == "SUCCEEDED", run.steps[0].error
+    assert run.steps[0].output["t"] < returned  # it ran before `start` returned
+    assert {"first thing", "printed at once"} <= {line.message for line in logs}
+
+
+async def test_a_run_whose_row_cannot_be_written_leaves_nothing_and_start_raises(plugins: Path) -> None:
+    mod = plugin(
+        plugins,
+        """
+        import asyncio
+
+        async def waits(ctx, **_):
+            ctx.log.info("started")
+            await asyncio.sleep(60)
+        """,
+    )
+    async with supervisor(plugins) as sup:
+        before = await sup.run(job(step(f"{mod}:waits", timeout_seconds=1)))
+        _slow_create_run(sup, 0.5, fail=True)
+        with trio.fail_after(20):  # both spares prepared: the refused run's step starts warm, in one of them
+            while len(sup._spares.pids()) < 2 or sup._spares._making:
+                await trio.sleep(0.01)
+        waiting = sup._spares.pids()
+        with pytest.raises(NomaflowError, match="refused the run"):
+            await sup.start(job(step(f"{mod}:waits")), run_id="refused-run")
+        claimed = waiting - sup._spares.pids()
+        assert len(claimed) == 1 and all(gone(pid) for pid in claimed)  # the step had started; it is gone
+        assert sup._active == {}
+        assert [r.run_id for r in sup.store.list_runs()] == [before.run_id]
+        assert sup.store.logs("refused-run") == []
+        sup.store.create_run = type(sup.store).create_run.__get__(sup.store)  # type: ignore[method-assign]
+        after = await sup.run(job(step(f"{mod}:waits", timeout_seconds=1)))
+    assert after.status == "TIMED_OUT"
+
+
+async def test_a_run_id_already_running_is_refused(plugins: Path) -> None:
+    mod = plugin(
+        plugins,
+        """
+        import asyncio
+
+        async def waits(ctx, **_):
+            await asyncio.sleep(60)
+        """,
+    )
+    async with supervisor(plugins) as sup:
+        first = await sup.start(job(step(f"{mod}:waits")), run_id="same-id")
+        with pytest.raises(NomaflowError, match="already running"):
+            await sup.start(job(step(f"{mod}:waits")), run_id="same-id")
+        await sup.cancel(first.run_id)
+        assert (await first.wait()).status == "CANCELLED"

@@ -7,6 +7,10 @@ blocked on its pipe rather than growing the supervisor's memory; lines may be
 64 KiB wide, so counting lines would not bound it).  One flusher task commits
 whatever queued up while the previous commit ran, so batches grow with the
 load and a quiet run still has each line committed at once.
+
+A run's lines may come before its row is in the history (its step starts
+while the row is written): `hold` keeps them queued until `release`, and
+`discard` drops them, and any that follow, if the row never comes.
 """
 
 from __future__ import annotations
@@ -34,6 +38,27 @@ class LogSink:
         self._drained = trio.Event()
         self._wake = trio.Event()
         self._closed = False
+        self._held: set[str] = set()  # runs whose row is being written
+        self._discarded: set[str] = set()  # runs whose row could not be written
+
+    def hold(self, run_id: str) -> None:
+        """Keep this run's lines queued (not written) until `release`."""
+        self._held.add(run_id)
+
+    def release(self, run_id: str) -> None:
+        """The run's row exists: its lines may be written."""
+        self._held.discard(run_id)
+        self._wake.set()
+
+    def discard(self, run_id: str) -> None:
+        """The run's row will never exist: drop its queued lines and every later one."""
+        self._held.discard(run_id)
+        self._discarded.add(run_id)
+        kept = [row for row in self._queue if row[0] != run_id]
+        dropped = _rows_cost(self._queue) - _rows_cost(kept)
+        self._queue, self._queued_cost, self._in_flight = kept, self._queued_cost - dropped, self._in_flight - dropped
+        self._drained.set()
+        self._drained = trio.Event()
 
     async def put(self, line: LogLine) -> None:
         self._check_open()
@@ -70,6 +95,8 @@ class LogSink:
         self._enqueue(rows, cost)
 
     def _enqueue(self, rows: list[LogRow], cost: int) -> None:
+        if self._discarded and rows and rows[0][0] in self._discarded:
+            return  # one run per call: the producers put one attempt's lines at a time
         self._queue += rows
         self._queued_cost += cost
         self._in_flight += cost
@@ -95,7 +122,7 @@ class LogSink:
     async def run(self) -> None:
         """The flusher: runs until `close()`."""
         while True:
-            if not self._queue and not self._barriers:
+            if not self._writable() and not self._barriers:
                 if self._closed:
                     return
                 self._wake = trio.Event()
@@ -103,6 +130,12 @@ class LogSink:
                 continue
             batch, self._queue = self._queue, []
             cost, self._queued_cost = self._queued_cost, 0
+            if self._held:
+                self._queue = [row for row in batch if row[0] in self._held]
+                if self._queue:
+                    batch = [row for row in batch if row[0] not in self._held]
+                    self._queued_cost = _rows_cost(self._queue)
+                    cost -= self._queued_cost
             barriers, self._barriers = self._barriers, []
             if batch:
                 await trio.to_thread.run_sync(self._store.append_log_rows, batch)
@@ -111,3 +144,14 @@ class LogSink:
                 self._drained = trio.Event()
             for barrier in barriers:
                 barrier.set()
+
+    def _writable(self) -> bool:
+        """Whether a queued line may be written now (not all of them wait for their run's row)."""
+        if not self._held:
+            return bool(self._queue)
+        return any(row[0] not in self._held for row in self._queue)
+
+
+def _rows_cost(rows: list[LogRow]) -> int:
+    """What `put` and `put_lines` counted for these rows against the budget."""
+    return sum(len(row[4]) for row in rows) + _LINE_OVERHEAD * len(rows)

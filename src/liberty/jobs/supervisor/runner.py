@@ -21,7 +21,7 @@ import psutil
 import trio
 
 from ..config import Job, Step
-from ..errors import ConfigError
+from ..errors import ConfigError, UsageError
 from ..history import AttemptRecord, HistoryStore, LogLine, RunView
 from ..protocol import PROTOCOL_VERSION, Start
 from ..types import Status
@@ -55,6 +55,8 @@ class RunHandle:
     record: RunView | None = None  # the finished run, read in the same hop that finished it
     _cleanups: list[trio.Event] = attrs.field(factory=list)  # its attempts' cgroups and work dirs being removed
     _cancel_listeners: list[Callable[[], None]] = attrs.field(factory=list)  # the running attempt's wake-up
+    _recorded: trio.Event = attrs.field(factory=trio.Event)  # `start` wrote its row (or failed to: `_unrecorded`)
+    _unrecorded: bool = False
 
     def request_cancel(self) -> None:
         """Set the cancel flag and wake the running attempt at once (it waits on nothing else)."""
@@ -68,6 +70,17 @@ class RunHandle:
             return self.record
         assert self._supervisor is not None
         return await self._supervisor.get_run(self.run_id)
+
+
+class _Unrecorded(Exception):
+    """The run's row could not be written (`start` raises why): the run stops and writes nothing."""
+
+
+async def _recorded(handle: RunHandle) -> None:
+    """Wait for the run's row, before any other write of the run."""
+    await handle._recorded.wait()
+    if handle._unrecorded:
+        raise _Unrecorded
 
 
 class Supervisor:
@@ -236,24 +249,45 @@ class Supervisor:
         session_user: str | None = None,
         run_id: str | None = None,
     ) -> RunHandle:
-        """Create the run in the history and start it; returns at once."""
-        assert self._nursery is not None and self._store is not None, "use `async with Supervisor(...)`"
+        """Create the run in the history and start it; returns once the run is in the history.
+
+        The first step starts while the run's row is being written (a thread
+        hop, most of a warm start's wait otherwise): its log lines wait in the
+        sink, and the run's other writes in `_execute`, until the row exists.
+        If it cannot be written, the step is stopped and cleaned up, and the
+        error is raised here, with nothing of the run in the history.
+        """
+        assert self._nursery is not None and self._store is not None and self._sink is not None, "use `async with Supervisor(...)`"
         run_id = run_id or uuid.uuid4().hex[:12]
+        if run_id in self._active:
+            raise UsageError(f"run {run_id!r} is already running in this supervisor")
         user = session_user or self.session_user
-        await trio.to_thread.run_sync(
-            lambda: self._store.create_run(  # type: ignore[union-attr]
-                run_id,
-                job.name,
-                session_user=user,
-                params={**job.params, **(params or {})},
-                steps=[s.name for s in job.steps],
-                supervisor_pid=os.getpid(),
-                started=True,
-            )
-        )
         handle = RunHandle(run_id, job, supervisor=self)
+        self._sink.hold(run_id)
         self._active[run_id] = handle
         self._nursery.start_soon(self._execute, handle, dict(params or {}), user)
+        try:
+            await trio.to_thread.run_sync(
+                lambda: self._store.create_run(  # type: ignore[union-attr]
+                    run_id,
+                    job.name,
+                    session_user=user,
+                    params={**job.params, **(params or {})},
+                    steps=[s.name for s in job.steps],
+                    supervisor_pid=os.getpid(),
+                    started=True,
+                )
+            )
+        except BaseException:
+            handle._unrecorded = True
+            self._sink.discard(run_id)
+            handle._recorded.set()
+            handle.request_cancel()
+            with trio.CancelScope(shield=True):
+                await handle.finished.wait()
+            raise
+        self._sink.release(run_id)
+        handle._recorded.set()
         return handle
 
     async def cancel(self, run_id: str) -> bool:
@@ -293,6 +327,17 @@ class Supervisor:
                     self._active[rid].request_cancel()
 
     async def _execute(self, handle: RunHandle, overrides: dict[str, Any], user: str) -> None:
+        try:
+            await self._run_steps(handle, overrides, user)
+        except _Unrecorded:
+            for cleaned in handle._cleanups:  # `start` raises once nothing of the run is left
+                await cleaned.wait()
+        finally:
+            if self._active.get(handle.run_id) is handle:
+                del self._active[handle.run_id]
+            handle.finished.set()
+
+    async def _run_steps(self, handle: RunHandle, overrides: dict[str, Any], user: str) -> None:
         store, sink, job = self._store, self._sink, handle.job
         assert store is not None and sink is not None
         step_write: Callable[[], None] | None = None  # the latest step's result, written with what follows it
@@ -304,15 +349,18 @@ class Supervisor:
                     final = Status.CANCELLED
                 if final != Status.SUCCEEDED:
                     rest = [s.name for s in job.steps[index:]]
+                    await _recorded(handle)
                     await trio.to_thread.run_sync(_then(step_write, lambda: store.skip_steps(handle.run_id, rest)))
                     step_write = None
                     break
                 if step_write is not None:
+                    await _recorded(handle)
                     await trio.to_thread.run_sync(_then(step_write, lambda: store.start_step(handle.run_id, step.name)))
                 record, step_write = await self._run_step(handle, step, {**job.params, **step.op_kwargs, **overrides}, previous, user)
                 previous[step.name] = record
                 if record["status"] != Status.SUCCEEDED:
                     final = Status(record["status"])
+            await _recorded(handle)
             await sink.flush()
 
             def finish_run() -> RunView:
@@ -324,15 +372,16 @@ class Supervisor:
             handle.record = await trio.to_thread.run_sync(finish_run)
             for cleaned in handle._cleanups:  # removed meanwhile, on the janitor's thread: nothing is left when the run ends
                 await cleaned.wait()
+        except _Unrecorded:
+            raise
         except BaseException:
             with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(
-                    _then(step_write, lambda: store.mark_lost([handle.run_id], message="the supervisor stopped before the run ended"))
-                )
+                await handle._recorded.wait()  # the hop that writes the row is never abandoned
+                if not handle._unrecorded:
+                    await trio.to_thread.run_sync(
+                        _then(step_write, lambda: store.mark_lost([handle.run_id], message="the supervisor stopped before the run ended"))
+                    )
             raise
-        finally:
-            self._active.pop(handle.run_id, None)
-            handle.finished.set()
 
     async def _run_step(
         self,
@@ -373,6 +422,7 @@ class Supervisor:
             retryable = outcome.status in (Status.FAILED, Status.TIMED_OUT) and not handle.cancel_event.is_set()
             if not retryable or attempt >= step.retry.max_attempts:
                 break
+            await _recorded(handle)
             await trio.to_thread.run_sync(store.record_attempt, record)
             record = None  # recorded; the step's final write needs only its own
             delay = step.retry.delay_before(attempt + 1)
