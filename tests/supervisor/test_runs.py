@@ -984,17 +984,19 @@ async def test_usage_is_recorded_for_a_cpu_burning_step(plugins: Path) -> None:
 # --- the run's row and its first step ----------------------------------------------
 
 
-def _slow_create_run(sup: Supervisor, seconds: float, fail: bool = False) -> None:
-    """Widen the window in which `start` writes the run's row (a real write, made late)."""
-    create = sup.store.create_run
+def _slow_create_run(sup: Supervisor, seconds: float, fail: bool = False) -> list[str]:
+    """Widen the window in which `start` writes the run's row (a real write, made late); the ids asked for."""
+    create, asked = sup.store.create_run, []
 
-    def slow(*args: Any, **kwargs: Any) -> None:
+    def slow(run_id: str, *args: Any, **kwargs: Any) -> None:
+        asked.append(run_id)
         time.sleep(seconds)
         if fail:
             raise NomaflowError("the history refused the run (test)")
-        create(*args, **kwargs)
+        create(run_id, *args, **kwargs)
 
     sup.store.create_run = slow  # type: ignore[method-assign]
+    return asked
 
 
 async def test_the_first_step_starts_while_the_run_is_recorded_and_its_early_lines_are_kept(plugins: Path) -> None:
@@ -1035,18 +1037,18 @@ async def test_a_run_whose_row_cannot_be_written_leaves_nothing_and_start_raises
     )
     async with supervisor(plugins) as sup:
         before = await sup.run(job(step(f"{mod}:waits", timeout_seconds=1)))
-        _slow_create_run(sup, 0.5, fail=True)
+        asked = _slow_create_run(sup, 0.5, fail=True)
         with trio.fail_after(20):  # both spares prepared: the refused run's step starts warm, in one of them
             while len(sup._spares.pids()) < 2 or sup._spares._making:
                 await trio.sleep(0.01)
         waiting = sup._spares.pids()
         with pytest.raises(NomaflowError, match="refused the run"):
-            await sup.start(job(step(f"{mod}:waits")), run_id="refused-run")
+            await sup.start(job(step(f"{mod}:waits")))
         claimed = waiting - sup._spares.pids()
         assert len(claimed) == 1 and all(gone(pid) for pid in claimed)  # the step had started; it is gone
         assert sup._active == {}
         assert [r.run_id for r in sup.store.list_runs()] == [before.run_id]
-        assert sup.store.logs("refused-run") == []
+        assert len(asked) == 1 and sup.store.logs(asked[0]) == []
         sup.store.create_run = type(sup.store).create_run.__get__(sup.store)  # type: ignore[method-assign]
         after = await sup.run(job(step(f"{mod}:waits", timeout_seconds=1)))
     assert after.status == "TIMED_OUT"
@@ -1068,3 +1070,23 @@ async def test_a_run_id_already_running_is_refused(plugins: Path) -> None:
             await sup.start(job(step(f"{mod}:waits")), run_id="same-id")
         await sup.cancel(first.run_id)
         assert (await first.wait()).status == "CANCELLED"
+
+
+async def test_a_run_id_given_that_the_history_already_has_is_refused_before_anything_starts(plugins: Path, tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    mod = plugin(
+        plugins,
+        f"""
+        async def touch(ctx, **_):
+            open({str(marker)!r}, "w").close()
+        """,
+    )
+    the_job = job(step(f"{mod}:touch", limits=writable(tmp_path)))
+    async with supervisor(plugins) as sup:
+        first = await sup.run(the_job, run_id="taken-id")
+        marker.unlink()
+        with pytest.raises(NomaflowError, match="already exists"):
+            await sup.start(the_job, run_id="taken-id")
+        await trio.sleep(0.5)  # a step started by mistake would have written its marker by now
+        assert not marker.exists()
+        assert [r.run_id for r in sup.store.list_runs()] == [first.run_id]

@@ -251,33 +251,45 @@ class Supervisor:
     ) -> RunHandle:
         """Create the run in the history and start it; returns once the run is in the history.
 
-        The first step starts while the run's row is being written (a thread
-        hop, most of a warm start's wait otherwise): its log lines wait in the
-        sink, and the run's other writes in `_execute`, until the row exists.
-        If it cannot be written, the step is stopped and cleaned up, and the
-        error is raised here, with nothing of the run in the history.
+        With a new run id, the first step starts while the run's row is being
+        written (a thread hop, most of a warm start's wait otherwise): its log
+        lines wait in the sink, and the run's other writes in `_execute`, until
+        the row exists.  If it cannot be written, the step is stopped and
+        cleaned up, and the error is raised here, with nothing of the run in
+        the history.  A `run_id` given by the caller may already be taken, so
+        its row is written first and nothing starts if it is refused.
         """
         assert self._nursery is not None and self._store is not None and self._sink is not None, "use `async with Supervisor(...)`"
+        ahead = run_id is None  # a fresh random id: only a failing history refuses its row
         run_id = run_id or uuid.uuid4().hex[:12]
         if run_id in self._active:
             raise UsageError(f"run {run_id!r} is already running in this supervisor")
         user = session_user or self.session_user
+        store = self._store
+
+        def create() -> None:
+            store.create_run(
+                run_id,
+                job.name,
+                session_user=user,
+                params={**job.params, **(params or {})},
+                steps=[s.name for s in job.steps],
+                supervisor_pid=os.getpid(),
+                started=True,
+            )
+
         handle = RunHandle(run_id, job, supervisor=self)
-        self._sink.hold(run_id)
+        if not ahead:
+            await trio.to_thread.run_sync(create)
+            handle._recorded.set()
+        else:
+            self._sink.hold(run_id)
         self._active[run_id] = handle
         self._nursery.start_soon(self._execute, handle, dict(params or {}), user)
+        if not ahead:
+            return handle
         try:
-            await trio.to_thread.run_sync(
-                lambda: self._store.create_run(  # type: ignore[union-attr]
-                    run_id,
-                    job.name,
-                    session_user=user,
-                    params={**job.params, **(params or {})},
-                    steps=[s.name for s in job.steps],
-                    supervisor_pid=os.getpid(),
-                    started=True,
-                )
-            )
+            await trio.to_thread.run_sync(create)
         except BaseException:
             handle._unrecorded = True
             self._sink.discard(run_id)
