@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from liberty.jobs.errors import ProtocolError
 from liberty.jobs.protocol import Call, Done, LineSplitter, Log, decode_child_message, encode
-from liberty.jobs.protocol.codec import _structure, encode_log, split_log
+from liberty.jobs.protocol.codec import _structure, encode_log, split_log, split_logs
 
 LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
 json_values = st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=5), st.lists(st.integers(), max_size=2))
@@ -137,3 +137,49 @@ def test_splitter_yields_the_same_lines_however_the_stream_is_cut(lines: list[by
 def test_splitter_refuses_an_oversize_line_among_short_ones() -> None:
     with pytest.raises(ProtocolError, match="line of 11 bytes exceeds the 10-byte cap"):
         LineSplitter(max_line=10).feed(b"ok\n" + b"x" * 10 + b"\nok\n")
+
+
+def _plain(level: str, body: str) -> bytes:
+    return f'{{"level":"{level}","message":"{body}","t":"log"}}'.encode("utf-8", "surrogatepass")
+
+
+_line = st.one_of(
+    st.builds(_plain, st.sampled_from(LEVELS), st.text(alphabet=st.characters(blacklist_characters='"\\\n', blacklist_categories=("Cs", "Cc")))),
+    st.builds(_plain, st.sampled_from([*LEVELS, "NOTICE", "info"]), texts),  # maybe a quote, a control character, a surrogate
+    st.builds(lambda level, message: encode_log(level, message)[:-1], st.sampled_from(LEVELS), st.text(alphabet="ab\"\\\t\u00e9", max_size=6)),
+    st.builds(lambda prefix, line: prefix + line, st.binary(min_size=1, max_size=3).filter(lambda b: b"\n" not in b), st.builds(_plain, st.sampled_from(LEVELS), st.text(alphabet="ab", max_size=3))),
+    st.binary(max_size=12).filter(lambda b: b"\n" not in b),
+    st.just(encode(Done(output=None))[:-1]),
+)
+
+
+@settings(max_examples=1000)
+@given(lines=st.lists(_line, max_size=6))
+def test_split_logs_is_split_log_of_every_line_or_nothing(lines: list[bytes]) -> None:
+    # Lines as `LineSplitter` yields them: none holds a newline.
+    one_by_one = [split_log(line) for line in lines]
+    together = split_logs(lines)
+    if together is None:
+        assert not lines or None in one_by_one or any(b"\\" in line for line in lines)  # escapes take the slow path
+    else:
+        assert together == one_by_one
+
+
+@settings(max_examples=300)
+@given(entries=st.lists(st.tuples(st.sampled_from(LEVELS), st.text(alphabet=st.characters(blacklist_characters='"\\', blacklist_categories=("Cs", "Cc")))), min_size=1, max_size=50))
+def test_split_logs_takes_a_run_of_plain_log_lines_whole(entries: list[tuple[str, str]]) -> None:
+    lines = [encode_log(level, message)[:-1] for level, message in entries]
+    assert split_logs(lines) == entries
+
+
+@pytest.mark.parametrize(
+    "lines",
+    [
+        [b'{"level":"INFO","message":"a","t":"log"}', b'x{"level":"INFO","message":"b","t":"log"}'],  # a valid tail only
+        [b'{"level":"INFO","message":"a","t":"log"}', b""],
+        [b'{"level":"INFO","message":"a","t":"log"}\r'],
+        [b'{"level":"INFO","message":"a\xc3', b'\xa9","t":"log"}'],  # a character cut by the split
+    ],
+)
+def test_split_logs_refuses_a_run_with_any_line_that_is_not_a_whole_plain_log_line(lines: list[bytes]) -> None:
+    assert split_logs(lines) is None

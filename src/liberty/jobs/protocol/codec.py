@@ -29,6 +29,8 @@ _LOG_PREFIX = b'{"level":"'  # how `encode` starts a Log line
 _PLAIN_LOG = re.compile(
     r'\{"level":"(' + "|".join(get_args(LogLevel)) + r')","message":"([^"\\\x00-\x1f]*)","t":"log"\}'
 )
+# The same, for many lines joined by "\n": anchored to whole lines, and no line can hold two.
+_PLAIN_LOG_LINES = re.compile(r"^" + _PLAIN_LOG.pattern + r"$", re.MULTILINE)
 _json_string = json.encoder.encode_basestring  # what json.dumps(ensure_ascii=False) writes for a str
 
 
@@ -93,6 +95,23 @@ def decode_child_message(line: bytes) -> ChildMessage:
     if log is not None:
         return Log(level=log[0], message=log[1])  # type: ignore[arg-type]
     return _structure_obj(obj, "child")
+
+
+def split_logs(lines: list[bytes]) -> list[tuple[str, str]] | None:
+    """`[split_log(line) for line in lines]` when every line is a plain log line (no JSON escape
+    in its text), else None; a chatty step's pipe read in a few C calls instead of one per line.
+    `lines` are as `LineSplitter.feed` returns them: none holds a newline.
+
+    The pattern is anchored to whole lines, and its text cannot hold a newline,
+    so its matches are distinct whole lines: as many matches as lines means
+    every line matched.
+    """
+    try:
+        text = b"\n".join(lines).decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    entries = _PLAIN_LOG_LINES.findall(text)
+    return entries if len(entries) == len(lines) else None
 
 
 def split_log(line: bytes) -> tuple[str, str] | None:

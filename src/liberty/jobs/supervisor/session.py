@@ -53,7 +53,7 @@ from ..protocol import (
     decode_child_message,
     encode,
 )
-from ..protocol.codec import encode_reply, encode_rows_blob, split_log
+from ..protocol.codec import encode_reply, encode_rows_blob, split_log, split_logs
 from ..types import Reason, Status
 from .processes import kill_tree, signal_name, stat_fields, tree_pids
 from .cgroups import AttemptCgroup, CgroupError
@@ -479,8 +479,14 @@ class AttemptSession:
                 if not data:
                     splitter.close()
                     return
+                lines = splitter.feed(data)
+                if accepting and lines:
+                    entries = split_logs(lines)
+                    if entries is not None:  # the usual read of a chatty step: all of it log lines
+                        await self._log_many("log", entries)
+                        continue
                 logs: list[tuple[str, str]] = []
-                for line in splitter.feed(data):
+                for line in lines:
                     if accepting:
                         entry = split_log(line)
                         if entry is not None:
