@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sqlite3
 from typing import Any
 
@@ -287,3 +288,37 @@ async def test_bad_arguments_are_type_errors_naming_the_method(target: SqlTarget
             await s.call("db", "drop_everything", [], {})
         with pytest.raises(ValueError, match="batch_size"):
             await s.stream_open("db", "SELECT 1", [], 0)
+
+
+async def test_stream_pump_whose_consumer_is_gone_stops_without_breaking_the_event_loop(target: SqlTarget) -> None:
+    # The channel the batches go to is closed while the worker thread still fetches: a batch
+    # delivered after that must not raise inside trio's callback (which ends the whole run).
+    async with ConnectorRegistry({"db": target.config}) as reg, reg.session("s", ["db"]) as s:
+        await make_table(s, target)
+        await insert(s, target, *[(i, f"n{i}", i % 7) for i in range(2000)])
+        sid = await s.stream_open("db", target.q("SELECT id, qty FROM {t} ORDER BY id"), [], 100)
+        send, receive = trio.open_memory_channel[list[int]](math.inf)
+        received: list[list[int]] = []
+
+        def deliver(batch: list[int]) -> None:
+            send.send_nowait(batch)
+            received.append(batch)
+            receive.close()  # the consumer goes away after the first batch
+
+        await s.stream_pump(sid, _Ids, lambda: True, deliver)  # the thread may have fetched them all by then
+        assert [len(b) for b in received] == [100]
+        await s.stream_close(sid)
+        assert await s.call("db", "scalar", [target.q("SELECT count(*) FROM {t}")], {}) == 2000  # the connection is free again
+
+
+async def test_an_error_from_the_consumer_is_raised_by_stream_pump(target: SqlTarget) -> None:
+    async with ConnectorRegistry({"db": target.config}) as reg, reg.session("s", ["db"]) as s:
+        await make_table(s, target)
+        await insert(s, target, *[(i, f"n{i}", i % 7) for i in range(50)])
+        sid = await s.stream_open("db", target.q("SELECT id, qty FROM {t} ORDER BY id"), [], 10)
+
+        def deliver(batch: list[int]) -> None:
+            raise ValueError("the consumer failed")
+
+        with pytest.raises(ValueError, match="the consumer failed"):
+            await s.stream_pump(sid, _Ids, lambda: True, deliver)

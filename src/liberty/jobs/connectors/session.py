@@ -206,14 +206,27 @@ class ConnectorSession:
         backend = stream.backend
         token = trio.lowlevel.current_trio_token()
         stopped: list[bool] = []
+        send_failed: list[Exception] = []
 
         with trio.move_on_after(timeout) as scope:
 
             def delivered(item: T) -> None:
+                # Runs on the event loop from `run_sync_soon`, where an exception would end the
+                # whole trio run: a consumer that is gone (its channel closed while the thread
+                # still had a batch on the way) only stops the pump, any other error is raised
+                # from this call instead.
+                if stopped:
+                    return  # interrupted or its consumer gone: nobody waits for this batch
                 now = trio.current_time()
                 if now > scope.deadline - timeout / 2:
                     scope.deadline = now + timeout  # progress: the timeout is per batch, give or take half
-                send(item)
+                try:
+                    send(item)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    stopped.append(True)
+                except Exception as exc:
+                    send_failed.append(exc)
+                    stopped.append(True)
 
             def pump(conn: Any, cursor: Any, size: int) -> bool:
                 chunk = backend.fetch_chunk or size
@@ -244,6 +257,9 @@ class ConnectorSession:
             except BaseException:
                 await self._finish_stream(stream)
                 raise
+        if send_failed:  # every batch's `delivered` ran before the hop's result (one FIFO queue)
+            await self._finish_stream(stream)
+            raise send_failed[0]
         if scope.cancelled_caught:
             await self._finish_stream(stream)
             raise _timed_out(cfg, "stream")
