@@ -54,9 +54,10 @@ class LogSink:
         """The run's row will never exist: drop its queued lines and every later one."""
         self._held.discard(run_id)
         self._discarded.add(run_id)
-        kept = [row for row in self._queue if row[0] != run_id]
-        dropped = _rows_cost(self._queue) - _rows_cost(kept)
-        self._queue, self._queued_cost, self._in_flight = kept, self._queued_cost - dropped, self._in_flight - dropped
+        dropped = _rows_cost([row for row in self._queue if row[0] == run_id])
+        self._queue = [row for row in self._queue if row[0] != run_id]
+        self._queued_cost -= dropped
+        self._in_flight -= dropped
         self._drained.set()
         self._drained = trio.Event()
 

@@ -134,14 +134,14 @@ def kill_tree(
     processes that were re-parented to us are reaped here; the root is left
     for its owner to reap.
     """
-    spare_set = set(spare) | _own_thread_ids()
+    spare_set = set(spare) | _own_thread_ids()  # our pid among them
     victims: dict[int, psutil.Process] = {}
     for _ in range(20):
         found = descendants(root_pid) + [p for p in known if p.pid not in victims]
         if token:
             found.extend(_adopted_with_token(token, spare_set | {root_pid}))
         new = [
-            p for p in found if p.pid not in victims and p.pid not in spare_set and p.pid not in (os.getpid(), root_pid)
+            p for p in found if p.pid not in victims and p.pid not in spare_set and p.pid != root_pid
         ]
         if not new:
             break

@@ -282,12 +282,10 @@ class Supervisor:
         if not ahead:
             await trio.to_thread.run_sync(create)
             handle._recorded.set()
-        else:
-            self._sink.hold(run_id)
-        self._active[run_id] = handle
-        self._nursery.start_soon(self._execute, handle, dict(params or {}), user)
-        if not ahead:
+            self._launch(handle, params, user)
             return handle
+        self._sink.hold(run_id)
+        self._launch(handle, params, user)
         try:
             await trio.to_thread.run_sync(create)
         except BaseException:
@@ -301,6 +299,10 @@ class Supervisor:
         self._sink.release(run_id)
         handle._recorded.set()
         return handle
+
+    def _launch(self, handle: RunHandle, params: dict[str, Any] | None, user: str) -> None:
+        self._active[handle.run_id] = handle
+        self._nursery.start_soon(self._execute, handle, dict(params or {}), user)  # type: ignore[union-attr]
 
     async def cancel(self, run_id: str) -> bool:
         """Ask a run to stop; works for runs of this supervisor and, via the history, of others."""
