@@ -58,7 +58,8 @@ def serve(fd_in: int, fd_out: int) -> None:
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     channel.start_reader()
-    _rehearse(loop, prepare.plugins)
+    if prepare.rehearse:
+        _rehearse(loop, prepare.plugins)
     if prepare.expect:
         compile_ahead(prepare.plugins, prepare.expect)
     channel.send(Prepared(report=report))

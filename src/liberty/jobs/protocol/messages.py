@@ -125,6 +125,9 @@ class Prepare:
     # a hint only.  The child compiles that module's source ahead and keeps the code for
     # an import of the very same bytes; nothing of the plugin is executed before `start`.
     expect: str | None = None
+    # Whether `start` may be a while coming (a spare): then the child walks the start path
+    # meanwhile, taking its page copies off it.  A cold attempt's `start` follows at once.
+    rehearse: bool = False
 
 
 @_frozen

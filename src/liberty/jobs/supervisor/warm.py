@@ -104,7 +104,7 @@ async def prepare_child(
     try:
         spare.group = await trio.to_thread.run_sync(containment.contain, f"{name}-{token[:8]}", limits)
         spec = containment.sandbox_spec(limits, workdir, spare.group)
-        await child.to_child.send_all(encode(Prepare(plugins=plugins, sandbox=spec, expect=expect)))
+        await child.to_child.send_all(encode(Prepare(plugins=plugins, sandbox=spec, expect=expect, rehearse=True)))
         with trio.fail_after(PREPARE_TIMEOUT):
             ready, prepared = await _first_two(child)
         problem = ready_problem(ready, child.pid) or prepared_problem(prepared, sandbox=spec)
