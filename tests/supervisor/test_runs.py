@@ -530,6 +530,37 @@ async def test_non_cooperative_cancel_kills_after_the_grace(plugins: Path, tmp_p
     assert 1 <= elapsed < 6
 
 
+@both_start_modes
+async def test_a_step_killed_after_the_grace_records_the_stack_it_was_stuck_in(
+    plugins: Path, tmp_path: Path, start_mode: str
+) -> None:
+    mod = plugin(
+        plugins,
+        """
+        from pathlib import Path
+
+        def busy_forever():
+            while True:
+                pass
+
+        async def stuck(ctx, *, marker, **_):
+            Path(marker).touch()
+            busy_forever()
+        """,
+    )
+    marker = tmp_path / "started"
+    stuck = step(f"{mod}:stuck", cancel_grace_seconds=0.4, op_kwargs={"marker": str(marker)}, limits=writable(tmp_path))
+    async with supervisor(plugins, start_mode=start_mode) as sup:
+        handle = await sup.start(job(stuck))
+        await wait_for_file(marker)
+        await sup.cancel(handle.run_id)
+        run = await handle.wait()
+    trace = run.steps[0].error["traceback"]
+    assert run.status == "CANCELLED" and "killed" in run.steps[0].error["message"]
+    assert trace.startswith("Stacks when it was killed (faulthandler):")
+    assert "busy_forever" in trace and "stuck" in trace
+
+
 async def test_is_cancelled_turns_true_while_a_sync_step_blocks(plugins: Path, tmp_path: Path) -> None:
     mod = plugin(
         plugins,

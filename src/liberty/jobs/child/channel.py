@@ -8,6 +8,7 @@ once rather than run unsupervised.
 
 from __future__ import annotations
 
+import _thread
 import asyncio
 import concurrent.futures
 import os
@@ -128,8 +129,13 @@ class Channel:
             self._streams.pop(stream_id, None)
 
     def start_reader(self) -> None:
-        """Start the reader thread now (off the start path); it reads once `wait_start` has `start`."""
-        threading.Thread(target=self._read_forever, name="nomaflow-reader", daemon=True).start()
+        """Start the reader thread now (off the start path); it reads once `wait_start` has `start`.
+
+        A bare `_thread` thread: `threading.Thread` adds an object nobody joins (the process
+        ends with `os._exit`) and waits until the new thread runs; 0.45 ms of CPU against
+        0.13 ms, measured in a child forked from the zygote.
+        """
+        _thread.start_new_thread(self._read_forever, ())
 
     def _read_forever(self) -> None:
         self._reader_go.wait()

@@ -49,9 +49,7 @@ def serve(fd_in: int, fd_out: int) -> None:
         from ..sandbox import SandboxSpec, apply
 
         report = apply(SandboxSpec.from_dict(prepare.sandbox)).to_dict()
-    # SIGUSR1 from the supervisor before a hard kill: every thread's stack to stderr, even
-    # while Python code holds the GIL in a tight loop, so the log shows where it stopped.
-    faulthandler.register(signal.SIGUSR1, file=sys.__stderr__, all_threads=True)
+    install_stack_dump()
     install_plugins_path(prepare.plugins)
     # A bare loop rather than asyncio.run(): the process exits right after the result is
     # sent, so the loop's orderly shutdown (executor join, async generators) is not waited for.
@@ -69,6 +67,22 @@ def serve(fd_in: int, fd_out: int) -> None:
         os._exit(2)
     run_attempt(channel, start, prepare.plugins, loop)
     _flush_and_exit(0)
+
+
+_stack_dump_installed = False
+
+
+def install_stack_dump() -> None:
+    """SIGUSR1 from the supervisor before a hard kill: every thread's stack to stderr, even
+    while Python code holds the GIL in a tight loop, so the log shows where it stopped.
+
+    Once per process: the zygote installs it before forking (the handler and the fd number
+    it writes to, 2, carry over), so its attempts do not pay for it again.
+    """
+    global _stack_dump_installed
+    if not _stack_dump_installed:
+        faulthandler.register(signal.SIGUSR1, file=sys.__stderr__, all_threads=True)
+        _stack_dump_installed = True
 
 
 def _rehearse(loop: asyncio.AbstractEventLoop, plugins: str) -> None:

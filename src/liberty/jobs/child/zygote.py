@@ -44,6 +44,7 @@ def main() -> None:
     # it holds no loop and no descriptor, only the (empty) per-thread slot for one.
     asyncio.get_event_loop_policy()
     _run_one_event_loop()
+    runtime.install_stack_dump()
     # The zygote never execs: an empty bounding set costs it nothing and spares each attempt the drop.
     # Its capabilities stay (attempts need them to seal themselves) until each attempt's capset.
     _prctl.empty_bounding_set()
