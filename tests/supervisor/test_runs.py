@@ -1012,6 +1012,25 @@ async def test_usage_is_recorded_for_a_cpu_burning_step(plugins: Path) -> None:
     assert record.wall_s > 0.6 and record.cpu_s >= 0.5 and record.peak_rss_mb > 5
 
 
+async def test_usage_counts_a_subprocess_that_holds_memory_and_is_gone_before_the_step_ends(plugins: Path) -> None:
+    mod = plugin(
+        plugins,
+        """
+        import subprocess, sys
+
+        async def helper(ctx, **_):
+            code = "import time; x = bytearray(96 << 20); x[::4096] = b'1' * len(x[::4096]); time.sleep(0.3)"
+            subprocess.run([sys.executable, "-c", code], check=True)
+            return {}
+        """,
+    )
+    run, _ = await run_step(plugins, f"{mod}:helper")
+    s = run.steps[0]
+    assert run.status == "SUCCEEDED", s.error
+    assert s.peak_rss_mb >= 96  # the helper's, not the step process's own
+    assert s.attempt_records[0].usage["max_processes"] >= 2
+
+
 # --- the run's row and its first step ----------------------------------------------
 
 
