@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import array
+import json
 import os
 import signal
+import socket
 import sys
 import textwrap
 from pathlib import Path
@@ -15,6 +18,9 @@ import trio
 
 from liberty.jobs import Job, Step, Supervisor
 from liberty.jobs.history import RunView
+from liberty.jobs.protocol.zygote import REPLY, REQUEST_HEADER
+from liberty.jobs.supervisor.spawn import child_environment
+from liberty.jobs.supervisor.zygote import Zygote
 from supervisor_helpers import plugins_dir
 
 pytestmark = [pytest.mark.trio, pytest.mark.timeout(60)]
@@ -260,3 +266,51 @@ async def test_a_killed_zygote_leaves_no_zombie_after_its_restart(plugins: Path)
             while zombie_children() - before:
                 await trio.sleep(0.05)
     assert not (zombie_children() - before)
+
+
+# --- the request framing (protocol/zygote.py), spoken to a real zygote ------------------------
+
+
+async def _raw_request(zygote: Zygote, body: bytes, fds: list[int], request_id: int = 7) -> bytes:
+    assert zygote._sock is not None
+    await zygote._sock.sendmsg([REQUEST_HEADER.pack(request_id) + body], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+    return await zygote._sock.recv(65536)
+
+
+async def test_a_request_with_the_wrong_number_of_descriptors_is_refused_with_the_reason() -> None:
+    zygote = Zygote(child_environment(workdir="/"))
+    await zygote._start()
+    r, w = os.pipe()
+    try:
+        raw = await _raw_request(zygote, b"{}", [r, w])
+    finally:
+        os.close(r)
+        os.close(w)
+        await zygote.aclose()
+    assert REPLY.unpack_from(raw) == (7, -1)
+    assert raw[REPLY.size :].decode() == "ValueError: expected 4 descriptors, got 2"
+
+
+async def test_an_attempt_whose_request_body_is_malformed_exits_3_with_the_reason_on_its_stderr() -> None:
+    zygote = Zygote(child_environment(workdir="/"))
+    await zygote._start()
+    (in_r, in_w), (out_r, out_w), (so_r, so_w), (se_r, se_w) = (os.pipe() for _ in range(4))
+    ours = [in_w, out_r, so_r, se_r]
+    try:
+        theirs = [in_r, out_w, so_w, se_w]
+        try:
+            raw = await _raw_request(zygote, json.dumps({"env": {"A": 1}, "cwd": "/"}).encode(), theirs)
+        finally:
+            for fd in theirs:
+                os.close(fd)
+        request_id, pid = REPLY.unpack_from(raw)
+        assert request_id == 7 and pid > 0
+        with trio.fail_after(20):
+            _, status = await trio.to_thread.run_sync(os.waitpid, pid, 0)
+        stderr = os.read(se_r, 65536).decode()
+    finally:
+        for fd in ours:
+            os.close(fd)
+        await zygote.aclose()
+    assert os.waitstatus_to_exitcode(status) == 3
+    assert "failed outside the step" in stderr and "env must map strings to strings" in stderr

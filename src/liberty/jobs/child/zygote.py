@@ -3,8 +3,8 @@
 It imports asyncio and the child runtime and nothing else: no plugin, no
 connector, no credential, no supervisor state.  It runs no threads, so a fork
 is safe.  Each request arrives on a SOCK_SEQPACKET control socket with four
-file descriptors (protocol in/out, stdout, stderr) passed by SCM_RIGHTS; the
-attempt is made the supervisor's own child (`forking.py`: one clone with
+file descriptors (protocol in/out, stdout, stderr) passed by SCM_RIGHTS
+(framing in `protocol/zygote.py`); the attempt is made the supervisor's own child (`forking.py`: one clone with
 CLONE_PARENT, or a double fork where that is unavailable), which then waits
 for it like any child of its own.  Forking ahead
 of the request is the supervisor's business (`supervisor/warm.py`): it
@@ -20,6 +20,7 @@ import json
 import os
 import random
 import socket
+from typing import Any
 
 from . import channel as _channel  # noqa: F401
 from . import context as _context  # noqa: F401
@@ -28,11 +29,8 @@ from . import runtime
 from .forking import SiblingForker
 from .. import sandbox as _sandbox  # noqa: F401
 from .._sysfiles import write_small
+from ..protocol.zygote import MAX_REQUEST, REPLY, REQUEST_FDS, REQUEST_HEADER, ZYGOTE_FD_ENV
 from ..sandbox import prctl as _prctl
-
-ZYGOTE_FD_ENV = "NOMAFLOW_ZYGOTE_FD"
-_MAX_REQUEST = 1024 * 1024
-_NFDS = 4
 
 
 def main() -> None:
@@ -55,26 +53,41 @@ def main() -> None:
         sock.send(json.dumps({"ready": True, "pid": os.getpid(), "fork": forker.method, "why": forker.why}).encode())
     except OSError:
         os._exit(0)  # the supervisor gave up on this start (cancelled or gone)
+    _serve(sock, forker)
+
+
+def _serve(sock: socket.socket, forker: SiblingForker) -> None:
+    """Fork one attempt per request, touching as little as it can in between (see `protocol.zygote`)."""
+    buffer = bytearray(MAX_REQUEST)  # one buffer for every request: nothing allocated per read
+    ancillary = socket.CMSG_SPACE(REQUEST_FDS * 4)
     while True:
         try:
-            data, ancdata, _flags, _addr = sock.recvmsg(_MAX_REQUEST, socket.CMSG_SPACE(_NFDS * 4))
-        except (ConnectionResetError, OSError):
+            size, ancdata, flags, _addr = sock.recvmsg_into([buffer], ancillary)
+        except OSError:
             os._exit(0)
         fds = _received_fds(ancdata)
-        if not data:
+        if not size:
             os._exit(0)  # the supervisor is gone
+        request_id = 0
         try:
-            request = json.loads(data)
-            if len(fds) != _NFDS:
-                raise ValueError(f"expected {_NFDS} descriptors, got {len(fds)}")
-            reply = {"id": request.get("id"), "pid": _fork_attempt(forker, sock, request, fds)}
+            if size < REQUEST_HEADER.size:
+                raise ValueError(f"a request of {size} bytes is shorter than its header")
+            (request_id,) = REQUEST_HEADER.unpack_from(buffer)
+            if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+                raise ValueError(f"request over {MAX_REQUEST} bytes or {REQUEST_FDS} descriptors, cut short")
+            if len(fds) != REQUEST_FDS:
+                raise ValueError(f"expected {REQUEST_FDS} descriptors, got {len(fds)}")
+            pid = forker.fork()
+            if pid == 0:
+                _become_attempt(sock, bytes(buffer[REQUEST_HEADER.size : size]), fds)  # never returns
+            reply = REPLY.pack(request_id, pid)
         except (ValueError, OSError) as exc:
-            reply = {"id": None, "error": f"{type(exc).__name__}: {exc}"}
+            reply = REPLY.pack(request_id, -1) + f"{type(exc).__name__}: {exc}".encode()
         finally:
             for f in fds:
                 os.close(f)
         try:
-            sock.send(json.dumps(reply).encode())
+            sock.send(reply)
         except OSError:
             os._exit(0)  # the supervisor is gone
 
@@ -117,14 +130,7 @@ def _set_name(name: str) -> None:
         pass  # cosmetic: a process keeps its inherited name
 
 
-def _fork_attempt(forker: SiblingForker, sock: socket.socket, request: dict, fds: list[int]) -> int:
-    pid = forker.fork()
-    if pid == 0:
-        _become_attempt(sock, request, fds)  # never returns
-    return pid
-
-
-def _become_attempt(sock: socket.socket, request: dict, fds: list[int]) -> None:
+def _become_attempt(sock: socket.socket, body: bytes, fds: list[int]) -> None:
     """In the forked attempt: own session, own stdio, own environment, then serve."""
     try:
         os.setsid()
@@ -135,8 +141,9 @@ def _become_attempt(sock: socket.socket, request: dict, fds: list[int]) -> None:
         os.dup2(err_w, 2)
         os.close(out_w)
         os.close(err_w)
-        _replace_environ(request["env"])
-        os.chdir(request["cwd"])
+        env, cwd = _attempt_request(json.loads(body))
+        _replace_environ(env)
+        os.chdir(cwd)
         random.seed()
         fd_in, fd_out = runtime.adopt_protocol_fds(f"{proto_in},{proto_out}")
         os.closerange(fd_out + 1, 65536)
@@ -147,6 +154,18 @@ def _become_attempt(sock: socket.socket, request: dict, fds: list[int]) -> None:
         finally:
             os._exit(3)
     os._exit(0)
+
+
+def _attempt_request(request: Any) -> tuple[dict[str, str], str]:
+    """The attempt's environment and working directory, checked."""
+    if not isinstance(request, dict):
+        raise ValueError(f"the zygote request must be a JSON object, got {type(request).__name__}")
+    env, cwd = request.get("env"), request.get("cwd")
+    if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+        raise ValueError("the zygote request's env must map strings to strings")
+    if not isinstance(cwd, str):
+        raise ValueError(f"the zygote request's cwd must be a string, got {type(cwd).__name__}")
+    return env, cwd
 
 
 if __name__ == "__main__":

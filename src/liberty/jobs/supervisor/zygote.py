@@ -17,9 +17,9 @@ import sys
 
 import trio
 
+from ..protocol.zygote import MAX_REQUEST, REPLY, REQUEST_HEADER, ZYGOTE_FD_ENV
 from .spawn import ChildHandle, child_pipes, reap_adopted
 
-_ZYGOTE_FD_ENV = "NOMAFLOW_ZYGOTE_FD"
 _START_TIMEOUT = 30.0
 _log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ class Zygote:
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 pass_fds=(theirs.fileno(),),
-                env={**self._env, _ZYGOTE_FD_ENV: str(theirs.fileno())},
+                env={**self._env, ZYGOTE_FD_ENV: str(theirs.fileno())},
                 start_new_session=True,
             )
         except BaseException:
@@ -121,7 +121,9 @@ class Zygote:
                 await self._start()
             assert self._sock is not None
             self._next_id += 1
-            data = json.dumps({**payload, "id": self._next_id}).encode()
+            data = REQUEST_HEADER.pack(self._next_id) + json.dumps(payload).encode()
+            if len(data) > MAX_REQUEST:
+                raise ZygoteError(f"the attempt's environment makes a {len(data)}-byte zygote request, over {MAX_REQUEST}")
             try:
                 await self._sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
                 raw = await self._sock.recv(65536)
@@ -133,8 +135,12 @@ class Zygote:
                     self.restarts += 1
                     continue
                 raise ZygoteError("the zygote died while forking an attempt")
-            reply = json.loads(raw)
-            if "pid" in reply and isinstance(reply["pid"], int) and reply.get("id") == self._next_id:
-                return reply["pid"]
-            raise ZygoteError(f"the zygote could not fork: {reply.get('error', reply)}")
+            if len(raw) < REPLY.size:
+                raise ZygoteError(f"the zygote sent a {len(raw)}-byte reply, shorter than {REPLY.size}")
+            reply_id, pid = REPLY.unpack_from(raw)
+            if reply_id != self._next_id:
+                raise ZygoteError(f"the zygote answered request {reply_id}, not {self._next_id}")
+            if pid <= 0:
+                raise ZygoteError(f"the zygote could not fork: {raw[REPLY.size:].decode('utf-8', 'replace')}")
+            return pid
         raise ZygoteError("unreachable")
