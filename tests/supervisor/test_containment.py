@@ -63,7 +63,7 @@ def plugins(tmp_path: Path) -> Path:
     return plugins_dir(
         tmp_path,
         where="import os\n\n\nasync def am_i(ctx, **_):\n"
-        "    return {'cwd': os.getcwd(), 'cgroup': open('/proc/self/cgroup').read()}\n",
+        "    return {'cwd': os.getcwd(), 'inode': os.stat('.').st_ino, 'cgroup': open('/proc/self/cgroup').read()}\n",
     )
 
 
@@ -78,6 +78,15 @@ async def test_a_run_ends_only_once_its_attempts_cgroup_and_work_dir_are_gone(pl
         assert groups
         mounts = {h.mount for h in sup.containment.cgroups.support.hierarchies}  # type: ignore[union-attr]
         assert not any(os.path.exists(m + g) for m in mounts for g in groups)
+
+
+@pytest.mark.trio
+async def test_a_later_attempt_works_in_an_earlier_ones_pristine_dir_under_a_new_name(plugins: Path) -> None:
+    job = Job(name="j", steps=[Step(name="s", python="where:am_i")])
+    async with Supervisor(plugins=plugins, history=":memory:", spares=0) as sup:
+        first = (await sup.run(job)).steps[0].output
+        second = (await sup.run(job)).steps[0].output
+    assert first["cwd"] != second["cwd"] and first["inode"] == second["inode"]
 
 
 @pytest.mark.trio

@@ -27,6 +27,7 @@ from ..sandbox import SandboxSpec, default_readable, outermost
 from ..sandbox.prctl import set_dumpable
 from .cgroups import AttemptCgroup, CgroupManager
 from .processes import direct_children, stat_fields
+from .workdirs import Workdirs
 
 _log = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ class Containment:
         self.plugins = plugins
         self.enabled = enabled
         self.cgroups: CgroupManager | None = None
+        self.workdirs = Workdirs()  # every attempt's work directory comes from here and goes back to it
         self.notes: list[str] = []
         self._leftovers: list[tuple[AttemptCgroup | None, str | None, trio.Event]] = []  # for the janitor
         self._leftovers_wake = trio.Event()
@@ -68,6 +70,7 @@ class Containment:
         """Finish what the janitor has not (it is stopped before this), then remove our cgroup directories."""
         with trio.CancelScope(shield=True):
             await self._clean_leftovers()
+            await trio.to_thread.run_sync(self.workdirs.close)
             if self.cgroups is not None:
                 await trio.to_thread.run_sync(self.cgroups.close)
 
@@ -100,15 +103,20 @@ class Containment:
     def _clean(self, leftovers: list[tuple[AttemptCgroup | None, str | None, trio.Event]]) -> None:
         released: list[str] = []
         for group, workdir, _ in leftovers:
+            emptied = False  # every process of the attempt is known to be gone
             if group is not None and self.cgroups is not None:
                 try:
-                    if not self.cgroups.release(group):
+                    emptied = self.cgroups.release(group)
+                    if not emptied:
                         _log.warning("attempt cgroup %s left behind: %s", group.name, group.leftover)
                     released.append(f"att-{group.name}")
                 except (OSError, NomaflowError) as exc:  # one attempt's leftovers must not stop the others'
                     _log.warning("could not clean up the cgroup of attempt %s: %s", group.name, exc)
             if workdir is not None:
-                shutil.rmtree(workdir, ignore_errors=True)
+                if emptied:
+                    self.workdirs.give_back(workdir)
+                else:  # a process that escaped a tree kill could still write into it: never reused
+                    shutil.rmtree(workdir, ignore_errors=True)
         if released:
             reap_zombies_from(*released)  # one pass over our children for the whole batch
 

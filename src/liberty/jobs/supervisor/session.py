@@ -174,6 +174,8 @@ class AttemptSession:
             self._token, self._group = prepared.token, prepared.group
             self._ready.set()
             self._prepared.set()
+        elif self._containment is not None:
+            workdir = self._containment.workdirs.take()
         else:
             workdir = tempfile.mkdtemp(prefix="nomaflow-step-")
         returncode: int | None = None

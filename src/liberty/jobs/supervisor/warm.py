@@ -18,9 +18,7 @@ import collections
 import json
 import logging
 import os
-import shutil
 import signal
-import tempfile
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -92,11 +90,11 @@ async def prepare_child(
     `expect` is the step it will most likely run (`Prepare.expect`).
     """
     token = uuid.uuid4().hex
-    workdir = tempfile.mkdtemp(prefix="nomaflow-step-")
+    workdir = containment.workdirs.take()
     try:
         child = await start_child(workdir=workdir, env=child_environment(workdir=workdir, token=token))
     except OSError as exc:
-        shutil.rmtree(workdir, ignore_errors=True)
+        containment.workdirs.give_back(workdir)
         raise PrepareError(f"could not start the child: {exc}") from exc
     spare = PreparedChild(child=child, workdir=workdir, token=token, group=None, report=None)
     if making is not None:

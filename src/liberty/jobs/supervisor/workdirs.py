@@ -1,0 +1,79 @@
+"""Attempt work directories: a fresh, empty one for every attempt, without a new inode each time.
+
+Making and removing a directory per attempt was the costliest file-system work
+of an attempt on these machines (the supervisor's top system call in a
+profile): their /tmp is ext4 without a journal, whose inode allocator then
+skips every inode freed in the last minutes, so each mkdir gets slower the
+more attempts ran lately.  A directory that its attempt left exactly as
+it was made (empty, mode 0700, our owner, no extended attributes, which is
+where ACLs live) is renamed to a new random name and handed to a later
+attempt; anything else is removed as before.  Only directories of attempts
+whose cgroup was emptied and removed come back here (`Containment`): no process
+of theirs is left to write into them.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import secrets
+import shutil
+import stat
+import tempfile
+
+PREFIX = "nomaflow-step-"
+KEEP = 128  # empty directories kept for reuse; more are removed
+
+
+class Workdirs:
+    """`take()` on the supervisor's thread, `give_back()` on the janitor's: deque ends are thread-safe."""
+
+    def __init__(self, parent: str | None = None, keep: int = KEEP) -> None:
+        self.parent = parent or tempfile.gettempdir()
+        self.keep = keep
+        self._free: collections.deque[str] = collections.deque()
+
+    def take(self) -> str:
+        """A new, empty directory of ours, under a name no attempt had before."""
+        try:
+            return self._free.popleft()
+        except IndexError:
+            return tempfile.mkdtemp(prefix=PREFIX, dir=self.parent)
+
+    def give_back(self, path: str) -> None:
+        """An ended attempt's directory: gone from its path either way; kept, renamed, if pristine."""
+        if len(self._free) < self.keep and _pristine(path):
+            fresh = os.path.join(self.parent, PREFIX + secrets.token_hex(6))
+            try:
+                if not os.path.lexists(fresh):  # rename() would replace an empty directory there
+                    os.rename(path, fresh)
+                    self._free.append(fresh)
+                    return
+            except OSError:
+                pass
+        shutil.rmtree(path, ignore_errors=True)
+
+    def close(self) -> None:
+        """Remove every directory kept for reuse."""
+        while self._free:
+            shutil.rmtree(self._free.popleft(), ignore_errors=True)
+
+
+def _pristine(path: str) -> bool:
+    """As `mkdtemp` makes a directory: empty, 0700, ours, no extended attributes."""
+    try:
+        st = os.lstat(path)
+        return (
+            stat.S_ISDIR(st.st_mode)
+            and stat.S_IMODE(st.st_mode) == 0o700
+            and st.st_uid == os.geteuid()
+            and st.st_gid == os.getegid()
+            and st.st_nlink == 2
+            and not os.listdir(path)
+            and not os.listxattr(path, follow_symlinks=False)
+        )
+    except OSError:
+        return False
+
+
+__all__ = ["PREFIX", "Workdirs"]
