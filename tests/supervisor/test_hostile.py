@@ -848,6 +848,15 @@ def _thread_count() -> int:
     return len(os.listdir("/proc/self/task"))
 
 
+async def _spares_settled(sup: Supervisor) -> None:
+    """Every warm spare prepared and none in the making: each holds its pipes, so fds are counted at rest."""
+    spares = sup._spares
+    assert spares is not None
+    with trio.fail_after(20):
+        while len(spares.pids()) < spares.size or spares._making:
+            await trio.sleep(0.01)
+
+
 @pytest.mark.slow
 async def test_thousand_sequential_trivial_steps_leave_nothing_behind(plugins: Path) -> None:
     trivial = job(step("healthy:fine"))
@@ -856,6 +865,7 @@ async def test_thousand_sequential_trivial_steps_leave_nothing_behind(plugins: P
         t0 = time.monotonic()
         for _ in range(50):
             assert (await sup.run(trivial)).status == "SUCCEEDED"
+        await _spares_settled(sup)
         fds_warm, threads_warm = _fd_count(), _thread_count()
         failed = []
         for i in range(950):
@@ -863,6 +873,7 @@ async def test_thousand_sequential_trivial_steps_leave_nothing_behind(plugins: P
             if run.status != "SUCCEEDED":
                 failed.append((i, run.steps[0].error))
         elapsed = time.monotonic() - t0
+        await _spares_settled(sup)
         fds, threads, zombies, cgroups = _fd_count(), _thread_count(), new_zombies(zombies_before), attempt_cgroups(sup)
         manager = sup.containment.cgroups
         roots = [manager.root(h.role) for h in manager.support.hierarchies] if manager else []
