@@ -11,7 +11,9 @@ import trio
 
 from liberty.jobs import Job, Limits, Step, Supervisor
 from liberty.jobs.errors import ConfigError
-from liberty.jobs.supervisor.warm import SparePool
+from liberty.jobs.supervisor.containment import Containment
+from liberty.jobs.supervisor.warm import SparePool, prepare_child
+from liberty.jobs.supervisor.workdirs import Workdirs
 
 from supervisor_helpers import gone, plugins_dir
 
@@ -185,3 +187,18 @@ async def test_limits_key_is_equal_for_equal_limits_and_differs_otherwise() -> N
     a, b, other = Limits(memory_mb=64, readable=["/x"]), Limits(memory_mb=64, readable=["/x"]), Limits(memory_mb=65)
     assert limits_key(a) == limits_key(a) == limits_key(b)
     assert limits_key(a) != limits_key(other)
+
+
+async def test_a_spare_cancelled_while_its_process_starts_leaves_no_work_dir(tmp_path: Path) -> None:
+    (tmp_path / "work").mkdir()
+    containment = Containment(plugins=tmp_path)
+    containment.workdirs = Workdirs(str(tmp_path / "work"))
+
+    async def never_started(**_: object) -> None:
+        await trio.sleep_forever()
+
+    with trio.move_on_after(0.05) as scope:
+        await prepare_child(start_child=never_started, containment=containment, plugins=str(tmp_path), limits=Limits(), name="x")
+    assert scope.cancelled_caught
+    await containment.close()
+    assert list((tmp_path / "work").iterdir()) == []

@@ -93,9 +93,11 @@ async def prepare_child(
     workdir = containment.workdirs.take()
     try:
         child = await start_child(workdir=workdir, env=child_environment(workdir=workdir, token=token))
-    except OSError as exc:
+    except BaseException as exc:  # cancelled while the zygote forks it, too: no process was handed over
         containment.workdirs.give_back(workdir)
-        raise PrepareError(f"could not start the child: {exc}") from exc
+        if isinstance(exc, OSError):
+            raise PrepareError(f"could not start the child: {exc}") from exc
+        raise
     spare = PreparedChild(child=child, workdir=workdir, token=token, group=None, report=None)
     if making is not None:
         making.add(spare)
