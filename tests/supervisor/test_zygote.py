@@ -314,3 +314,44 @@ async def test_an_attempt_whose_request_body_is_malformed_exits_3_with_the_reaso
         await zygote.aclose()
     assert os.waitstatus_to_exitcode(status) == 3
     assert "failed outside the step" in stderr and "env must map strings to strings" in stderr
+
+
+class _CancelOnRecv:
+    """The zygote's socket, but the caller's scope is cancelled right after the request went out."""
+
+    def __init__(self, sock: Any, scope: trio.CancelScope) -> None:
+        self._sock, self._scope, self.replies = sock, scope, []
+
+    async def sendmsg(self, *args: Any) -> int:
+        return await self._sock.sendmsg(*args)
+
+    async def recv(self, size: int) -> bytes:
+        self._scope.cancel()
+        raw = await self._sock.recv(size)
+        self.replies.append(raw)
+        return raw
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+async def test_a_start_cancelled_while_the_zygote_forks_reaps_that_process_and_the_next_fork_works() -> None:
+    zygote = Zygote(child_environment(workdir="/"))
+    await zygote._start()
+    try:
+        with trio.CancelScope() as scope:
+            zygote._sock = proxy = _CancelOnRecv(zygote._sock, scope)  # type: ignore[assignment]
+            await zygote.fork(workdir="/", env=child_environment(workdir="/"))
+        assert scope.cancelled_caught
+        [raw] = proxy.replies
+        _, pid = REPLY.unpack_from(raw)
+        assert pid > 0
+        with pytest.raises(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)  # reaped already, by the cancelled fork
+        zygote._sock = proxy._sock
+        child = await zygote.fork(workdir="/", env=child_environment(workdir="/"))  # not answered with the stale reply
+        await child.aclose()
+        with trio.fail_after(10):
+            await child.wait()
+    finally:
+        await zygote.aclose()

@@ -11,6 +11,7 @@ import array
 import json
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -21,6 +22,8 @@ from ..protocol.zygote import MAX_REQUEST, REPLY, REQUEST_HEADER, ZYGOTE_FD_ENV
 from .spawn import ChildHandle, child_pipes, reap_adopted
 
 _START_TIMEOUT = 30.0
+_REPLY_TIMEOUT = 10.0  # a fork takes about a millisecond
+_EXIT_TIMEOUT = 5.0
 _log = logging.getLogger(__name__)
 
 
@@ -103,6 +106,14 @@ class Zygote:
         finally:
             for fd in theirs:
                 os.close(fd)
+        try:
+            await trio.lowlevel.checkpoint_if_cancelled()
+        except BaseException:  # cancelled while the zygote forked it: nobody else will reap it
+            for fd in ours:
+                os.close(fd)  # it exits on the EOF
+            with trio.CancelScope(shield=True):
+                await _reap_unwanted(pid)
+            raise
         return ChildHandle(
             pid,
             trio.lowlevel.FdStream(to_child_w),
@@ -124,12 +135,16 @@ class Zygote:
             data = REQUEST_HEADER.pack(self._next_id) + json.dumps(payload).encode()
             if len(data) > MAX_REQUEST:
                 raise ZygoteError(f"the attempt's environment makes a {len(data)}-byte zygote request, over {MAX_REQUEST}")
+            raw = b""
             try:
-                await self._sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
-                raw = await self._sock.recv(65536)
+                # A request the zygote got forks a process: its reply is read even if the caller is
+                # cancelled meanwhile (`fork` then reaps it), else the next request would read it.
+                with trio.CancelScope(shield=True), trio.move_on_after(_REPLY_TIMEOUT):
+                    await self._sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+                    raw = await self._sock.recv(65536)
             except OSError:
-                raw = b""
-            if not raw:
+                pass
+            if not raw:  # dead, or hung past the timeout: stopped, and started again on the next request
                 await self._stop()
                 if attempt == 0:
                     self.restarts += 1
@@ -144,3 +159,21 @@ class Zygote:
                 raise ZygoteError(f"the zygote could not fork: {raw[REPLY.size:].decode('utf-8', 'replace')}")
             return pid
         raise ZygoteError("unreachable")
+
+
+async def _reap_unwanted(pid: int) -> None:
+    """Reap an attempt process that was forked for a caller gone meanwhile (its pipes are closed)."""
+    with trio.move_on_after(_EXIT_TIMEOUT):
+        try:
+            await reap_adopted(pid)
+            return
+        except ChildProcessError:
+            return
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    try:
+        await reap_adopted(pid)
+    except ChildProcessError as exc:
+        _log.warning("zygote: could not reap an attempt forked for a cancelled start: %s", exc)
