@@ -4,10 +4,10 @@ It imports asyncio and the child runtime and nothing else: no plugin, no
 connector, no credential, no supervisor state.  It runs no threads, so a fork
 is safe.  Each request arrives on a SOCK_SEQPACKET control socket with four
 file descriptors (protocol in/out, stdout, stderr) passed by SCM_RIGHTS
-(framing in `protocol/zygote.py`); the attempt is made the supervisor's own child (`forking.py`: one clone with
-CLONE_PARENT, or a double fork where that is unavailable), which then waits
-for it like any child of its own.  Forking ahead
-of the request is the supervisor's business (`supervisor/warm.py`): it
+(framing in `protocol/zygote.py`); the attempt is made the supervisor's own
+child (`forking.py`: one clone with CLONE_PARENT, or a double fork where that
+is unavailable), which then waits for it like any child of its own.  Forking
+ahead of the request is the supervisor's business (`supervisor/warm.py`): it
 prepares whole attempts, sandbox included, not just processes.
 """
 
