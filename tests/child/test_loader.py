@@ -168,12 +168,18 @@ def test_edit_in_a_package_module_is_picked_up(plugins: Path) -> None:
 
 _REHEARSE = """
 import json, os, sys
+from liberty.jobs.child import loader
 from liberty.jobs.child.loader import install_plugins_path, rehearse_import, resolve_function
 plugins, scratch = sys.argv[1], sys.argv[2]
+os.chdir(scratch)
 install_plugins_path(plugins)
 path_before, cache_before = list(sys.path), set(sys.path_importer_cache)
-rehearse_import(plugins, scratch)
+imported = []
+real_get_code = loader._FreshSourceLoader.get_code
+loader._FreshSourceLoader.get_code = lambda self, name: imported.append(name) or real_get_code(self, name)
+rehearse_import(plugins)
 print(json.dumps({
+    "imported": list(imported),
     "scratch": os.listdir(scratch),
     "path_same": sys.path == path_before,
     "cache_new": sorted(set(sys.path_importer_cache) - cache_before - {plugins}),
@@ -192,6 +198,7 @@ def test_the_import_rehearsal_leaves_no_file_module_or_path_behind(plugins: Path
     )
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
+    assert report["imported"] == ["_nomaflow_rehearsal"]  # a whole import, through the fresh loader
     assert report["scratch"] == [] and report["path_same"] and report["cache_new"] == [] and report["modules"] == []
     assert report["result"] == "alpha"
 

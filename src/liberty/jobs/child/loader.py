@@ -80,36 +80,23 @@ def install_plugins_path(plugins_dir: str) -> None:
 
 
 _REHEARSAL_MODULE = "_nomaflow_rehearsal"
-_REHEARSAL_SOURCE = b"async def step(ctx, **_):\n    return None\n"
+_REHEARSAL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_rehearsal")
 
 
-def rehearse_import(plugins_dir: str, scratch_dir: str) -> None:
+def rehearse_import(plugins_dir: str) -> None:
     """Warm, before the step is known, what importing it will take: the plugins directory's
-    finder, and one whole import through the fresh loader, of a throw-away module written
-    to `scratch_dir` (the attempt's own work dir) and gone again before the step runs.
-    `resolve_function` lists the plugins directory again."""
+    finder, and one whole import through the fresh loader, of a stand-in module shipped
+    in its own directory (so nothing is written to the attempt's work dir), forgotten
+    again before the step runs.  `resolve_function` lists the plugins directory again."""
     machinery.PathFinder.find_spec("_nomaflow_no_such_module_", [plugins_dir])
-    path = os.path.join(scratch_dir, _REHEARSAL_MODULE + ".py")
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    except OSError:
-        return  # nowhere to write: the step's import is only a little slower
-    try:
-        os.write(fd, _REHEARSAL_SOURCE)
-    except OSError:
-        os.unlink(path)
-        return
-    finally:
-        os.close(fd)
-    sys.path_importer_cache[scratch_dir] = machinery.FileFinder(scratch_dir, (_FreshSourceLoader, machinery.SOURCE_SUFFIXES))
-    sys.path.insert(0, scratch_dir)
+    sys.path_importer_cache[_REHEARSAL_DIR] = machinery.FileFinder(_REHEARSAL_DIR, (_FreshSourceLoader, machinery.SOURCE_SUFFIXES))
+    sys.path.insert(0, _REHEARSAL_DIR)
     try:
         importlib.import_module(_REHEARSAL_MODULE)
     finally:
-        sys.path.remove(scratch_dir)
-        sys.path_importer_cache.pop(scratch_dir, None)
+        sys.path.remove(_REHEARSAL_DIR)
+        sys.path_importer_cache.pop(_REHEARSAL_DIR, None)
         sys.modules.pop(_REHEARSAL_MODULE, None)
-        os.unlink(path)
 
 
 def _forget_listings(plugins_dir: str) -> None:

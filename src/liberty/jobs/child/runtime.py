@@ -89,7 +89,7 @@ def _rehearse(loop: asyncio.AbstractEventLoop, plugins: str) -> None:
     """Walk, on nothing, the paths a step start takes (import, a task on the loop, checking and
     encoding a result), so that the pages they touch are copied from the zygote now, while
     the attempt waits, instead of after `start`."""
-    rehearse_import(plugins, os.getcwd())
+    rehearse_import(plugins)
     decode_parent_message(encode(_REHEARSAL_START))
     loop.run_until_complete(asyncio.ensure_future(asyncio.sleep(0)))
     check_output({"rehearsal": 0.0}, 1024)
