@@ -15,6 +15,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -86,6 +87,11 @@ def supervisor_cgroups(pid: int) -> list[Path]:
     return sorted(found)
 
 
+def supervisor_workdirs(pid: int) -> list[Path]:
+    """`<tmp>/nomaflow-sup-<pid>-*`: where that supervisor's attempts have their work directories."""
+    return sorted(Path(tempfile.gettempdir()).glob(f"nomaflow-sup-{pid}-*"))
+
+
 @attrs.define
 class Holding:
     """A `nomaflow run` whose step is holding, with its attempt's pid and its grandchild's."""
@@ -95,6 +101,7 @@ class Holding:
     attempt: int
     grandchild: int
     cgroups: list[Path]
+    workdirs: list[Path]
 
     def pids(self) -> list[int]:
         return [self.attempt, self.grandchild]
@@ -118,7 +125,9 @@ def start_holding(project: Path) -> Holding:
             run_id = found.group(1)
         if found := re.search(r"holding: attempt (\d+) grandchild (\d+)", line):
             assert run_id is not None, seen
-            return Holding(proc, run_id, int(found.group(1)), int(found.group(2)), supervisor_cgroups(proc.pid))
+            return Holding(
+                proc, run_id, int(found.group(1)), int(found.group(2)), supervisor_cgroups(proc.pid), supervisor_workdirs(proc.pid)
+            )
     proc.kill()
     raise AssertionError(f"the step never started holding: {''.join(seen)}")
 
@@ -169,11 +178,16 @@ def recovered(project: Path) -> Iterator[Recovery]:
         dead.proc.send_signal(signal.SIGKILL)
         dead.proc.wait(timeout=10)
         time.sleep(0.5)  # let the orphans notice (the attempt exits on EOF of its protocol pipe)
-        before = {"grandchild": alive(dead.grandchild), "cgroups": [d for d in dead.cgroups if d.exists()]}
+        before = {
+            "grandchild": alive(dead.grandchild),
+            "cgroups": [d for d in dead.cgroups if d.exists()],
+            "workdirs": [d for d in dead.workdirs if d.exists()],
+        }
         next_run = nomaflow(project, "run", "jobs/trivial.toml")
         after = {
             "pids": {pid: alive(pid) for pid in dead.pids()},
             "cgroups": [d for d in dead.cgroups if d.exists()],
+            "workdirs": [d for d in dead.workdirs if d.exists()],
         }
         yield Recovery(before, after, dead, next_run)
     finally:
@@ -194,6 +208,12 @@ def test_the_dead_supervisors_cgroups_are_removed_by_the_next_ones_start_up(reco
     assert recovered.dead.cgroups, "the dead supervisor had no nomaflow/sup-<pid>-* cgroup directory"
     assert recovered.before["cgroups"] == recovered.dead.cgroups, "they were gone before the next supervisor started"
     assert recovered.after["cgroups"] == []
+
+
+def test_the_dead_supervisors_work_directories_are_removed_by_the_next_ones_start_up(recovered: Recovery) -> None:
+    assert recovered.dead.workdirs, "the dead supervisor had no nomaflow-sup-<pid>-* work directory"
+    assert recovered.before["workdirs"] == recovered.dead.workdirs, "they were gone before the next supervisor started"
+    assert recovered.after["workdirs"] == []
 
 
 def test_the_dead_supervisors_run_is_marked_failed_with_reason_lost(project: Path, recovered: Recovery) -> None:

@@ -190,9 +190,8 @@ async def test_limits_key_is_equal_for_equal_limits_and_differs_otherwise() -> N
 
 
 async def test_a_spare_cancelled_while_its_process_starts_leaves_no_work_dir(tmp_path: Path) -> None:
-    (tmp_path / "work").mkdir()
     containment = Containment(plugins=tmp_path)
-    containment.workdirs = Workdirs(str(tmp_path / "work"))
+    containment.workdirs = Workdirs(str(tmp_path))
 
     async def never_started(**_: object) -> None:
         await trio.sleep_forever()
@@ -201,4 +200,4 @@ async def test_a_spare_cancelled_while_its_process_starts_leaves_no_work_dir(tmp
         await prepare_child(start_child=never_started, containment=containment, plugins=str(tmp_path), limits=Limits(), name="x")
     assert scope.cancelled_caught
     await containment.close()
-    assert list((tmp_path / "work").iterdir()) == []
+    assert list(tmp_path.iterdir()) == []

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from liberty.jobs.supervisor.containment import Containment
+from liberty.jobs.supervisor.processes import supervisor_tag
 from liberty.jobs.supervisor.workdirs import PREFIX, Workdirs
 
 
@@ -17,10 +18,10 @@ def workdirs(tmp_path: Path) -> Workdirs:
     return Workdirs(str(tmp_path))
 
 
-def _is_fresh(path: str, parent: Path) -> bool:
+def _is_fresh(path: str, parent: str) -> bool:
     st = os.lstat(path)
     return (
-        Path(path).parent == parent
+        str(Path(path).parent) == parent
         and Path(path).name.startswith(PREFIX)
         and stat.S_ISDIR(st.st_mode)
         and stat.S_IMODE(st.st_mode) == 0o700
@@ -29,8 +30,10 @@ def _is_fresh(path: str, parent: Path) -> bool:
     )
 
 
-def test_take_gives_an_empty_private_directory_of_ours(workdirs: Workdirs, tmp_path: Path) -> None:
-    assert _is_fresh(workdirs.take(), tmp_path)
+def test_take_gives_an_empty_private_directory_of_ours_in_this_supervisors_own(workdirs: Workdirs, tmp_path: Path) -> None:
+    assert _is_fresh(workdirs.take(), workdirs.parent)
+    assert Path(workdirs.parent).parent == tmp_path and Path(workdirs.parent).name == f"nomaflow-{supervisor_tag()}"
+    assert stat.S_IMODE(os.stat(workdirs.parent).st_mode) == 0o711
 
 
 def test_a_pristine_directory_leaves_its_path_and_comes_back_under_a_new_name(workdirs: Workdirs, tmp_path: Path) -> None:
@@ -39,7 +42,7 @@ def test_a_pristine_directory_leaves_its_path_and_comes_back_under_a_new_name(wo
     workdirs.give_back(used)
     assert not os.path.lexists(used)
     again = workdirs.take()
-    assert again != used and _is_fresh(again, tmp_path)
+    assert again != used and _is_fresh(again, workdirs.parent)
     assert os.lstat(again).st_ino == inode  # the same directory: no new inode
 
 
@@ -48,7 +51,7 @@ def test_a_directory_with_something_left_in_it_is_removed_not_reused(workdirs: W
     Path(used, "left.txt").write_text("from the last attempt")
     workdirs.give_back(used)
     assert not os.path.lexists(used)
-    assert list(tmp_path.iterdir()) == []
+    assert os.listdir(workdirs.parent) == []
 
 
 @pytest.mark.parametrize(
@@ -64,7 +67,7 @@ def test_a_directory_the_attempt_changed_is_removed_not_reused(workdirs: Workdir
     used = workdirs.take()
     change(used)
     workdirs.give_back(used)
-    assert list(tmp_path.iterdir()) == []
+    assert os.listdir(workdirs.parent) == []
 
 
 def test_no_more_than_keep_directories_are_kept(tmp_path: Path) -> None:
@@ -72,23 +75,40 @@ def test_no_more_than_keep_directories_are_kept(tmp_path: Path) -> None:
     taken = [workdirs.take() for _ in range(3)]
     for path in taken:
         workdirs.give_back(path)
-    assert len(list(tmp_path.iterdir())) == 2
+    assert len(os.listdir(workdirs.parent)) == 2
 
 
-def test_close_removes_every_kept_directory(workdirs: Workdirs, tmp_path: Path) -> None:
+def test_close_removes_every_kept_directory_and_its_own(workdirs: Workdirs, tmp_path: Path) -> None:
     for path in [workdirs.take() for _ in range(3)]:
         workdirs.give_back(path)
     workdirs.close()
     assert list(tmp_path.iterdir()) == []
 
 
+def _left_by(tmp_path: Path, tag: str) -> Path:
+    left = tmp_path / f"nomaflow-{tag}" / "step-abc"
+    left.mkdir(parents=True)
+    (left / "out.txt").write_text("from an attempt of a killed supervisor")
+    return left.parent
+
+
+def test_cleanup_stale_removes_what_a_dead_supervisor_left_and_spares_a_live_one(tmp_path: Path) -> None:
+    dead = _left_by(tmp_path, "sup-999999999-1")  # no such pid
+    reused = _left_by(tmp_path, f"sup-{os.getpid()}-1")  # our pid, another start time: a dead one's
+    live = _left_by(tmp_path, supervisor_tag(os.getppid()))
+    other = tmp_path / "nomaflow-demo"
+    other.mkdir()
+    workdirs = Workdirs(str(tmp_path))
+    assert sorted(workdirs.cleanup_stale()) == sorted([str(dead), str(reused)])
+    assert sorted(tmp_path.iterdir()) == sorted([live, other])
+
+
 @pytest.mark.trio
 async def test_a_work_dir_whose_attempt_had_no_emptied_cgroup_is_removed_not_reused(tmp_path: Path) -> None:
-    (tmp_path / "work").mkdir()
     containment = Containment(plugins=tmp_path)
-    containment.workdirs = Workdirs(str(tmp_path / "work"))
-    used = containment.workdirs.take()
+    containment.workdirs = workdirs = Workdirs(str(tmp_path))
+    used = workdirs.take()
     done = containment.discard(None, used)  # no cgroup: a process may have escaped the tree kill
     await containment._clean_leftovers()  # what the janitor does
-    assert done.is_set() and list((tmp_path / "work").iterdir()) == []
+    assert done.is_set() and os.listdir(workdirs.parent) == []
     await containment.close()

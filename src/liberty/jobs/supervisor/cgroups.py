@@ -33,7 +33,7 @@ import attrs
 
 from .._sysfiles import read_small, write_small
 from ..errors import NomaflowError
-from .processes import stat_fields
+from .processes import supervisor_alive, supervisor_tag
 
 PREFIX = "nomaflow"
 _POLL_S = 0.005
@@ -529,25 +529,6 @@ class _Freeze:
 # ---------------------------------------------------------------- one supervisor
 
 
-def _start_time(pid: int) -> str | None:
-    """Field 22 of /proc/<pid>/stat: with the pid, a process identity that survives pid reuse."""
-    fields = stat_fields(pid)
-    return fields[19].decode() if fields else None
-
-
-def supervisor_tag(pid: int | None = None) -> str:
-    pid = os.getpid() if pid is None else pid
-    return f"sup-{pid}-{_start_time(pid)}"
-
-
-def _alive(tag: str) -> bool:
-    parts = tag.split("-")
-    if len(parts) < 2 or not parts[1].isdigit():
-        return True  # not ours to judge
-    start = _start_time(int(parts[1]))
-    return start is not None and (len(parts) < 3 or parts[2] == start)
-
-
 @attrs.frozen
 class StaleCleanup:
     tag: str
@@ -668,7 +649,7 @@ class CgroupManager:
         for h in self.support.hierarchies:
             for base in _find_bases(h):
                 for sup in _subdirs(base, "sup-"):
-                    if sup.name == self.tag or _alive(sup.name):
+                    if sup.name == self.tag or supervisor_alive(sup.name):
                         continue
                     sup_dirs.setdefault(sup.name, []).append(sup)
                     for att in _subdirs(sup, "att-"):

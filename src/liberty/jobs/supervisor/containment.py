@@ -53,6 +53,7 @@ class Containment:
     async def open(self) -> None:
         if not self.enabled:
             self.notes.append("isolation is off (isolation = false): steps run without a sandbox or cgroup")
+            await self._remove_stale_workdirs()
             return
         set_dumpable(False)
         self.cgroups = await trio.to_thread.run_sync(CgroupManager)
@@ -63,8 +64,13 @@ class Containment:
         stale = await trio.to_thread.run_sync(self.cgroups.cleanup_stale)
         for item in stale:
             self.notes.append(f"cleaned up cgroups of a dead supervisor ({item.tag}): killed {item.processes_killed} process(es)")
+        await self._remove_stale_workdirs()  # after the kill: nothing of theirs still writes in them
         for note in self.notes:
             _log.warning(note)
+
+    async def _remove_stale_workdirs(self) -> None:
+        for path in await trio.to_thread.run_sync(self.workdirs.cleanup_stale):
+            self.notes.append(f"removed the work directories a dead supervisor left ({path})")
 
     async def close(self) -> None:
         """Finish what the janitor has not (it is stopped before this), then remove our cgroup directories."""

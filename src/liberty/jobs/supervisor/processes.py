@@ -69,6 +69,28 @@ def is_child_of(pid: int, parent: int) -> bool:
     return fields is not None and len(fields) > 1 and fields[1] == str(parent).encode()
 
 
+def _start_time(pid: int) -> str | None:
+    """Field 22 of /proc/<pid>/stat: with the pid, a process identity that survives pid reuse."""
+    fields = stat_fields(pid)
+    return fields[19].decode() if fields else None
+
+
+def supervisor_tag(pid: int | None = None) -> str:
+    """`sup-<pid>-<start time>`: names what a supervisor leaves on the host (cgroups, work dirs),
+    so that a later one can tell whether its owner is still alive."""
+    pid = os.getpid() if pid is None else pid
+    return f"sup-{pid}-{_start_time(pid)}"
+
+
+def supervisor_alive(tag: str) -> bool:
+    """Whether the supervisor a `supervisor_tag` names still runs (True for what is not such a tag)."""
+    parts = tag.split("-")
+    if len(parts) < 2 or not parts[1].isdigit():
+        return True  # not ours to judge
+    start = _start_time(int(parts[1]))
+    return start is not None and (len(parts) < 3 or parts[2] == start)
+
+
 def stat_fields(pid: int) -> list[bytes] | None:
     """/proc/<pid>/stat after the command name (state first, as `proc(5)` numbers from 3); None if gone.
 

@@ -4,12 +4,16 @@ Making and removing a directory per attempt was the costliest file-system work
 of an attempt on these machines (the supervisor's top system call in a
 profile): their /tmp is ext4 without a journal, whose inode allocator then
 skips every inode freed in the last minutes, so each mkdir gets slower the
-more attempts ran lately.  A directory that its attempt left exactly as
-it was made (empty, mode 0700, our owner, no extended attributes, which is
-where ACLs live) is renamed to a new random name and handed to a later
-attempt; anything else is removed as before.  Only directories of attempts
-whose cgroup was emptied and removed come back here (`Containment`): no process
-of theirs is left to write into them.
+more attempts ran lately.  A directory that its attempt left exactly as it was
+made (empty, mode 0700, our owner, no extended attributes, which is where ACLs
+live) is renamed to a new random name and handed to a later attempt; anything
+else is removed as before.  Only directories of attempts whose cgroup was
+emptied and removed come back here (`Containment`): no process of theirs is
+left to write into them.
+
+A supervisor's work directories live in one directory of its own,
+`<tmp>/nomaflow-sup-<pid>-<start time>/`, so that a supervisor that starts
+after one was killed removes what that one left (`cleanup_stale`).
 """
 
 from __future__ import annotations
@@ -21,15 +25,19 @@ import shutil
 import stat
 import tempfile
 
-PREFIX = "nomaflow-step-"
+from .processes import supervisor_alive, supervisor_tag
+
+PREFIX = "step-"
 KEEP = 128  # empty directories kept for reuse; more are removed
+_OWN = "nomaflow-"
 
 
 class Workdirs:
     """`take()` on the supervisor's thread, `give_back()` on the janitor's: deque ends are thread-safe."""
 
-    def __init__(self, parent: str | None = None, keep: int = KEEP) -> None:
-        self.parent = parent or tempfile.gettempdir()
+    def __init__(self, root: str | None = None, keep: int = KEEP) -> None:
+        self.root = root or tempfile.gettempdir()
+        self.parent = os.path.join(self.root, _OWN + supervisor_tag())
         self.keep = keep
         self._free: collections.deque[str] = collections.deque()
 
@@ -38,6 +46,12 @@ class Workdirs:
         try:
             return self._free.popleft()
         except IndexError:
+            pass
+        try:
+            return tempfile.mkdtemp(prefix=PREFIX, dir=self.parent)
+        except FileNotFoundError:
+            os.mkdir(self.parent)
+            os.chmod(self.parent, 0o711)  # attempts (of any uid) reach their own directory, list no other
             return tempfile.mkdtemp(prefix=PREFIX, dir=self.parent)
 
     def give_back(self, path: str) -> None:
@@ -54,9 +68,34 @@ class Workdirs:
         shutil.rmtree(path, ignore_errors=True)
 
     def close(self) -> None:
-        """Remove every directory kept for reuse."""
+        """Remove every directory kept for reuse, then ours (unless an attempt's is left in it)."""
         while self._free:
             shutil.rmtree(self._free.popleft(), ignore_errors=True)
+        try:
+            os.rmdir(self.parent)
+        except OSError:
+            pass
+
+    def cleanup_stale(self) -> list[str]:
+        """Remove the directories of supervisors that died without cleaning up; the paths removed."""
+        removed = []
+        try:
+            entries = list(os.scandir(self.root))
+        except OSError:
+            return removed
+        for entry in entries:
+            tag = entry.name[len(_OWN) :]
+            if not entry.name.startswith(_OWN + "sup-") or entry.path == self.parent or supervisor_alive(tag):
+                continue
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid():  # never another user's
+                shutil.rmtree(entry.path, ignore_errors=True)
+                if not os.path.lexists(entry.path):
+                    removed.append(entry.path)
+        return removed
 
 
 def _pristine(path: str) -> bool:
