@@ -31,9 +31,11 @@ def _is_fresh(path: str, parent: str) -> bool:
 
 
 def test_take_gives_an_empty_private_directory_of_ours_in_this_supervisors_own(workdirs: Workdirs, tmp_path: Path) -> None:
-    assert _is_fresh(workdirs.take(), workdirs.parent)
-    assert Path(workdirs.parent).parent == tmp_path and Path(workdirs.parent).name == f"nomaflow-{supervisor_tag()}"
-    assert stat.S_IMODE(os.stat(workdirs.parent).st_mode) == 0o711
+    taken = workdirs.take()
+    assert _is_fresh(taken, str(workdirs.parent))
+    parent = Path(taken).parent
+    assert parent.parent == tmp_path and parent.name.startswith(f"nomaflow-{supervisor_tag()}-")
+    assert stat.S_IMODE(os.stat(parent).st_mode) == 0o711 and os.stat(parent).st_uid == os.geteuid()
 
 
 def test_a_pristine_directory_leaves_its_path_and_comes_back_under_a_new_name(workdirs: Workdirs, tmp_path: Path) -> None:
@@ -42,7 +44,7 @@ def test_a_pristine_directory_leaves_its_path_and_comes_back_under_a_new_name(wo
     workdirs.give_back(used)
     assert not os.path.lexists(used)
     again = workdirs.take()
-    assert again != used and _is_fresh(again, workdirs.parent)
+    assert again != used and _is_fresh(again, str(workdirs.parent))
     assert os.lstat(again).st_ino == inode  # the same directory: no new inode
 
 
@@ -93,9 +95,9 @@ def _left_by(tmp_path: Path, tag: str) -> Path:
 
 
 def test_cleanup_stale_removes_what_a_dead_supervisor_left_and_spares_a_live_one(tmp_path: Path) -> None:
-    dead = _left_by(tmp_path, "sup-999999999-1")  # no such pid
-    reused = _left_by(tmp_path, f"sup-{os.getpid()}-1")  # our pid, another start time: a dead one's
-    live = _left_by(tmp_path, supervisor_tag(os.getppid()))
+    dead = _left_by(tmp_path, "sup-999999999-1-a1b2")  # no such pid
+    reused = _left_by(tmp_path, f"sup-{os.getpid()}-1-c3d4")  # our pid, another start time: a dead one's
+    live = _left_by(tmp_path, f"{supervisor_tag(os.getppid())}-e5f6")
     other = tmp_path / "nomaflow-demo"
     other.mkdir()
     workdirs = Workdirs(str(tmp_path))

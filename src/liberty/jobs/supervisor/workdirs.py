@@ -12,8 +12,9 @@ emptied and removed come back here (`Containment`): no process of theirs is
 left to write into them.
 
 A supervisor's work directories live in one directory of its own,
-`<tmp>/nomaflow-sup-<pid>-<start time>/`, so that a supervisor that starts
-after one was killed removes what that one left (`cleanup_stale`).
+`<tmp>/nomaflow-sup-<pid>-<start time>-<random>/` (made like any `mkdtemp`, so
+no other user can have made it first), so that a supervisor that starts after
+one was killed removes what that one left (`cleanup_stale`).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ class Workdirs:
 
     def __init__(self, root: str | None = None, keep: int = KEEP) -> None:
         self.root = root or tempfile.gettempdir()
-        self.parent = os.path.join(self.root, _OWN + supervisor_tag())
+        self.parent: str | None = None  # made on the first `take()`
         self.keep = keep
         self._free: collections.deque[str] = collections.deque()
 
@@ -47,16 +48,15 @@ class Workdirs:
             return self._free.popleft()
         except IndexError:
             pass
-        try:
-            return tempfile.mkdtemp(prefix=PREFIX, dir=self.parent)
-        except FileNotFoundError:
-            os.mkdir(self.parent)
-            os.chmod(self.parent, 0o711)  # attempts (of any uid) reach their own directory, list no other
-            return tempfile.mkdtemp(prefix=PREFIX, dir=self.parent)
+        if self.parent is None:
+            parent = tempfile.mkdtemp(prefix=f"{_OWN}{supervisor_tag()}-", dir=self.root)
+            os.chmod(parent, 0o711)  # attempts (of any uid) reach their own directory, list no other
+            self.parent = parent
+        return tempfile.mkdtemp(prefix=PREFIX, dir=self.parent)
 
     def give_back(self, path: str) -> None:
         """An ended attempt's directory: gone from its path either way; kept, renamed, if pristine."""
-        if len(self._free) < self.keep and _pristine(path):
+        if self.parent is not None and len(self._free) < self.keep and _pristine(path):
             fresh = os.path.join(self.parent, PREFIX + secrets.token_hex(6))
             try:
                 if not os.path.lexists(fresh):  # rename() would replace an empty directory there
@@ -71,10 +71,11 @@ class Workdirs:
         """Remove every directory kept for reuse, then ours (unless an attempt's is left in it)."""
         while self._free:
             shutil.rmtree(self._free.popleft(), ignore_errors=True)
-        try:
-            os.rmdir(self.parent)
-        except OSError:
-            pass
+        if self.parent is not None:
+            try:
+                os.rmdir(self.parent)
+            except OSError:
+                pass  # an attempt's directory is still in it (its process escaped a kill): a later start removes it
 
     def cleanup_stale(self) -> list[str]:
         """Remove the directories of supervisors that died without cleaning up; the paths removed."""
@@ -84,7 +85,7 @@ class Workdirs:
         except OSError:
             return removed
         for entry in entries:
-            tag = entry.name[len(_OWN) :]
+            tag = entry.name[len(_OWN) :]  # sup-<pid>-<start time>-<random>
             if not entry.name.startswith(_OWN + "sup-") or entry.path == self.parent or supervisor_alive(tag):
                 continue
             try:
