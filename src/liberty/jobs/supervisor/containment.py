@@ -73,7 +73,8 @@ class Containment:
             self.notes.append(f"removed the work directories a dead supervisor left ({path})")
 
     async def close(self) -> None:
-        """Finish what the janitor has not (it is stopped before this), then remove our cgroup directories."""
+        """Finish what the janitor has not (it is stopped before this), then remove the work
+        directories kept for reuse and our cgroup directories."""
         with trio.CancelScope(shield=True):
             await self._clean_leftovers()
             await trio.to_thread.run_sync(self.workdirs.close)
