@@ -16,8 +16,10 @@ from pathlib import Path
 import psutil
 import pytest
 
+from liberty.jobs._notnow import NOT_NOW
 from liberty.jobs.errors import ConfigError, RunNotFoundError, UsageError
 from liberty.jobs.history import (
+    CHECKPOINT_EVERY,
     SCHEMA_VERSION,
     AttemptRecord,
     HistoryStore,
@@ -652,3 +654,83 @@ def test_run_view_is_a_frozen_snapshot(store: HistoryStore):
     view = store.get_run("run-0001")
     store.start_run("run-0001")
     assert isinstance(view, RunView) and view.status == "QUEUED"
+
+
+# --- writes made at once (the supervisor's event loop) -------------------------
+
+
+def test_write_now_makes_the_writes_and_returns_the_last_result(store: HistoryStore):
+    def work() -> RunView:
+        _new_run(store)
+        store.start_run("run-0001")
+        return store.get_run("run-0001")
+
+    view = store.write_now(work)
+    assert isinstance(view, RunView) and view.status == "RUNNING"
+    assert store.get_run("run-0001").status == "RUNNING"
+
+
+def test_write_now_declines_without_calling_work_while_another_connection_writes(store: HistoryStore, db_path: Path):
+    other = sqlite3.connect(db_path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    called: list[bool] = []
+    try:
+        t0 = time.monotonic()
+        assert store.write_now(lambda: called.append(True)) is NOT_NOW
+        assert time.monotonic() - t0 < 1.0  # no busy wait (the thread path waits up to 10 s)
+    finally:
+        other.execute("COMMIT")
+        other.close()
+    assert called == []
+    assert store._conn.execute("PRAGMA busy_timeout").fetchone()[0] >= 5000  # the thread path still waits
+    _new_run(store)  # and the store is usable as ever
+
+
+def test_write_now_declines_while_another_thread_holds_the_store(store: HistoryStore):
+    holding, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with store._write():
+            holding.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    try:
+        assert holding.wait(10)
+        assert store.write_now(lambda: _new_run(store)) is NOT_NOW
+    finally:
+        release.set()
+        thread.join()
+    assert store.list_runs() == []
+
+
+def test_an_error_in_write_now_undoes_all_of_its_writes(store: HistoryStore):
+    def work() -> None:
+        _new_run(store, "run-0001")
+        _new_run(store, "run-0001")  # taken: UsageError
+
+    with pytest.raises(UsageError, match="already exists"):
+        store.write_now(work)
+    assert store.list_runs() == []
+    _new_run(store, "run-0002")  # no transaction was left open
+
+
+def test_writes_at_once_wait_for_a_checkpoint_which_then_fills_the_database_file(store: HistoryStore, db_path: Path):
+    for i in range(CHECKPOINT_EVERY):
+        assert store.write_now(lambda: _new_run(store, f"run-{i:04d}")) is not NOT_NOW
+    assert store.checkpoint_due
+    before = db_path.stat().st_size  # no checkpoint yet: the rows are only in the write-ahead log
+    store.checkpoint()
+    assert not store.checkpoint_due
+    assert db_path.stat().st_size > before
+    with HistoryStore(db_path) as other:
+        assert len(other.list_runs(limit=1000)) == CHECKPOINT_EVERY
+
+
+def test_writes_on_threads_checkpoint_by_themselves(store: HistoryStore, db_path: Path):
+    before = db_path.stat().st_size
+    for i in range(CHECKPOINT_EVERY):
+        _new_run(store, f"run-{i:04d}")
+    assert not store.checkpoint_due
+    assert db_path.stat().st_size > before

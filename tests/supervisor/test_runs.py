@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import textwrap
+import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -18,6 +20,7 @@ import trio
 from liberty.jobs import Job, Limits, Retry, Step, Supervisor
 from liberty.jobs.errors import NomaflowError
 from liberty.jobs.history import HistoryStore
+from liberty.jobs.history import store as history_store
 from liberty.jobs.history import LogLine, RunView
 from supervisor_helpers import gone, messages, plugins_dir
 
@@ -60,7 +63,7 @@ def job(*steps: Step, **kwargs: Any) -> Job:
 
 @asynccontextmanager
 async def supervisor(plugins: Path, **kwargs: Any) -> AsyncIterator[Supervisor]:
-    async with Supervisor(plugins=plugins, history=":memory:", **kwargs) as sup:
+    async with Supervisor(plugins=plugins, **{"history": ":memory:", **kwargs}) as sup:
         yield sup
 
 
@@ -1034,6 +1037,20 @@ async def test_usage_counts_a_subprocess_that_holds_memory_and_is_gone_before_th
 # --- the run's row and its first step ----------------------------------------------
 
 
+def _history_locked_elsewhere(sup: Supervisor, seconds: float) -> None:
+    """Another connection holds the database's write lock for a while, as another process
+    would (a CLI's `cancel`): `start` cannot write the run's row at once on the event loop,
+    so it writes it on a worker thread, which waits for the lock."""
+    other = sqlite3.connect(sup.history_path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+
+    def release() -> None:
+        other.execute("COMMIT")
+        other.close()
+
+    threading.Timer(seconds, release).start()
+
+
 def _slow_create_run(sup: Supervisor, seconds: float, fail: bool = False) -> list[str]:
     """Widen the window in which `start` writes the run's row (a real write, made late); the ids asked for."""
     create, asked = sup.store.create_run, []
@@ -1049,7 +1066,7 @@ def _slow_create_run(sup: Supervisor, seconds: float, fail: bool = False) -> lis
     return asked
 
 
-async def test_the_first_step_starts_while_the_run_is_recorded_and_its_early_lines_are_kept(plugins: Path) -> None:
+async def test_the_first_step_starts_while_the_run_is_recorded_and_its_early_lines_are_kept(plugins: Path, tmp_path: Path) -> None:
     mod = plugin(
         plugins,
         """
@@ -1062,9 +1079,10 @@ async def test_the_first_step_starts_while_the_run_is_recorded_and_its_early_lin
             return {"t": t}
         """,
     )
-    async with supervisor(plugins) as sup:
+    async with supervisor(plugins, history=str(tmp_path / "history.db")) as sup:
         await sup.run(job(step(f"{mod}:early")))  # warm: the next start uses a spare
         _slow_create_run(sup, 0.5)
+        _history_locked_elsewhere(sup, 0.1)
         handle = await sup.start(job(step(f"{mod}:early")))
         returned = time.time()
         run = await handle.wait()
@@ -1074,7 +1092,7 @@ async def test_the_first_step_starts_while_the_run_is_recorded_and_its_early_lin
     assert {"first thing", "printed at once"} <= {line.message for line in logs}
 
 
-async def test_a_run_whose_row_cannot_be_written_leaves_nothing_and_start_raises(plugins: Path) -> None:
+async def test_a_run_whose_row_cannot_be_written_leaves_nothing_and_start_raises(plugins: Path, tmp_path: Path) -> None:
     mod = plugin(
         plugins,
         """
@@ -1085,13 +1103,14 @@ async def test_a_run_whose_row_cannot_be_written_leaves_nothing_and_start_raises
             await asyncio.sleep(60)
         """,
     )
-    async with supervisor(plugins) as sup:
+    async with supervisor(plugins, history=str(tmp_path / "history.db")) as sup:
         before = await sup.run(job(step(f"{mod}:waits", timeout_seconds=1)))
         asked = _slow_create_run(sup, 0.5, fail=True)
         with trio.fail_after(20):  # both spares prepared: the refused run's step starts warm, in one of them
             while len(sup._spares.pids()) < 2 or sup._spares._making:
                 await trio.sleep(0.01)
         waiting = sup._spares.pids()
+        _history_locked_elsewhere(sup, 0.1)
         with pytest.raises(NomaflowError, match="refused the run"):
             await sup.start(job(step(f"{mod}:waits")))
         claimed = waiting - sup._spares.pids()
@@ -1102,6 +1121,43 @@ async def test_a_run_whose_row_cannot_be_written_leaves_nothing_and_start_raises
         sup.store.create_run = type(sup.store).create_run.__get__(sup.store)  # type: ignore[method-assign]
         after = await sup.run(job(step(f"{mod}:waits", timeout_seconds=1)))
     assert after.status == "TIMED_OUT"
+
+
+async def test_a_busy_history_still_gets_every_write_of_a_run(plugins: Path, tmp_path: Path) -> None:
+    """Another process holding the database's write lock sends the run's writes to a worker
+    thread, which waits for it: the record is the same as when they go on the event loop."""
+    mod = plugin(plugins, "async def ok(ctx, **_):\n    return {'n': 1}\n")
+    async with supervisor(plugins, history=str(tmp_path / "history.db")) as sup:
+        quick = await sup.run(job(step(f"{mod}:ok"), step(f"{mod}:ok", name="two")))
+        _history_locked_elsewhere(sup, 0.3)
+        busy = await sup.run(job(step(f"{mod}:ok"), step(f"{mod}:ok", name="two")))
+        stored = sup.store.get_run(busy.run_id)
+    for run in (quick, busy, stored):
+        assert run.status == "SUCCEEDED"
+        assert [(s.name, s.status, s.output) for s in run.steps] == [("s", "SUCCEEDED", {"n": 1}), ("two", "SUCCEEDED", {"n": 1})]
+
+
+async def test_a_supervisor_checkpoints_its_history_on_a_worker_thread(
+    plugins: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(history_store, "CHECKPOINT_EVERY", 3)
+    mod = plugin(plugins, "async def ok(ctx, **_):\n    return None\n")
+    path = tmp_path / "history.db"
+    async with supervisor(plugins, history=str(path)) as sup:
+        threads: list[str] = []
+        checkpoint = sup.store.checkpoint
+
+        def watched() -> None:
+            threads.append(threading.current_thread().name)
+            checkpoint()
+
+        sup.store.checkpoint = watched  # type: ignore[method-assign]
+        size = path.stat().st_size
+        for _ in range(8):
+            await sup.run(job(step(f"{mod}:ok")))
+        grown = path.stat().st_size
+    assert threads and threading.main_thread().name not in threads
+    assert grown > size  # the runs' rows reached the database file, not only its write-ahead log
 
 
 async def test_a_run_id_already_running_is_refused(plugins: Path) -> None:

@@ -15,12 +15,11 @@ from typing import Any, Protocol, TypeVar
 
 import trio
 
+from .._notnow import NOT_NOW
 from ._threads import run_interruptible
 
 T = TypeVar("T")
 T_co = TypeVar("T_co", covariant=True)
-NOT_NOW: Any = type("NotNow", (), {"__repr__": lambda self: "NOT_NOW"})()
-"""What `run_now` returns when the op must wait for a thread (nothing was done)."""
 Row = dict[str, Any]
 Batch = tuple[list[str], list[tuple[Any, ...]]]
 """A stream batch: column names and the rows as the driver's tuples."""

@@ -23,7 +23,8 @@ import attrs
 import trio
 
 from ..errors import ProtocolError
-from ._sql import NOT_NOW, Batch, Lease, NewSink, SqlBackend
+from .._notnow import NOT_NOW
+from ._sql import Batch, Lease, NewSink, SqlBackend
 from .config import ConnectorConfig
 from .http_client import HTTP_VERBS, HttpBackend
 

@@ -26,7 +26,8 @@ from typing import Any, TypeVar
 
 import trio
 
-from ._sql import NOT_NOW, Batch, Row, SqlBackend, single_mapping
+from .._notnow import NOT_NOW
+from ._sql import Batch, Row, SqlBackend, single_mapping
 from .config import SqliteConfig
 
 T = TypeVar("T")

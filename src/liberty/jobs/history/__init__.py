@@ -1,6 +1,7 @@
 """The run history: where runs, steps, attempts and logs are kept (SQLite).
 
-Synchronous and trio-free: the supervisor reaches it through `trio.to_thread`,
+Synchronous and trio-free: the supervisor reaches it through `trio.to_thread`
+(or on its event loop with `HistoryStore.write_now`, when that cannot wait),
 the CLI directly, possibly from another process at the same time.
 """
 
@@ -8,9 +9,10 @@ from __future__ import annotations
 
 from .records import LOG_STREAMS, AttemptRecord, LogLine, RunSummary, RunView, StepView
 from .schema import SCHEMA_VERSION
-from .store import MIN_PREFIX_LEN, HistoryStore
+from .store import CHECKPOINT_EVERY, MIN_PREFIX_LEN, HistoryStore
 
 __all__ = [
+    "CHECKPOINT_EVERY",
     "LOG_STREAMS",
     "MIN_PREFIX_LEN",
     "SCHEMA_VERSION",

@@ -1,10 +1,16 @@
 """The run history: runs, steps, attempts and logs in one SQLite file.
 
 Synchronous on purpose: the trio supervisor calls it through `trio.to_thread`,
-and the CLI (`logs --follow`, `cancel`) uses it from other processes at the
-same time.  WAL mode lets those readers run alongside the writer; every write
-takes the database lock up front (BEGIN IMMEDIATE) so a second writer waits
-out the busy timeout instead of failing half-way through a transaction.
+or on its event loop through `write_now` when that cannot wait, and the CLI
+(`logs --follow`, `cancel`) uses it from other processes at the same time.
+WAL mode lets those readers run alongside the writer; every write takes the
+database lock up front (BEGIN IMMEDIATE) so a second writer waits out the busy
+timeout instead of failing half-way through a transaction.
+
+The write-ahead log is copied back into the database (a checkpoint, which
+syncs the file to disk) by this store itself, every `CHECKPOINT_EVERY` commits,
+and only where blocking is allowed: never inside `write_now`, whose caller
+runs `checkpoint()` on a worker thread once `checkpoint_due` says so.
 """
 
 from __future__ import annotations
@@ -20,15 +26,18 @@ from itertools import chain
 from operator import attrgetter
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
+from .._notnow import NOT_NOW
 from ..errors import ConfigError, RunNotFoundError, UsageError
 from ..types import FINAL_STATUSES, Reason, Status
 from .records import LOG_STREAMS, AttemptRecord, LogLine, RunSummary, RunView, StepView
 from .schema import ensure_schema
 
 BUSY_TIMEOUT_S = 10.0
+CHECKPOINT_EVERY = 200  # commits; SQLite's own default (1,000 log pages) is a few hundred runs
 MIN_PREFIX_LEN = 4
+_T = TypeVar("_T")
 _ACTIVE = (Status.QUEUED.value, Status.RUNNING.value)
 _RUN_FINAL = frozenset(FINAL_STATUSES - {Status.SKIPPED})
 
@@ -39,6 +48,8 @@ class HistoryStore:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = os.fspath(path)
         self._lock = threading.Lock()
+        self._owner: int | None = None  # the thread inside `write_now`'s transaction
+        self._commits = 0  # since the last checkpoint
         self._conn = self._open()
 
     # --- lifecycle ------------------------------------------------------
@@ -59,6 +70,7 @@ class HistoryStore:
             if not in_memory:
                 conn.execute("PRAGMA journal_mode = WAL")
                 conn.execute("PRAGMA synchronous = NORMAL")
+                conn.execute("PRAGMA wal_autocheckpoint = 0")  # see the module's docstring
             ensure_schema(conn, self.path)
         except sqlite3.Error as exc:
             conn.close()
@@ -86,8 +98,65 @@ class HistoryStore:
     ) -> None:
         self.close()
 
+    def write_now(self, work: Callable[[], _T]) -> _T:
+        """`work` (calls of this store) in one transaction, if it can be made without waiting;
+        otherwise `NOT_NOW`, and `work` was not called.
+
+        For a caller on an event loop, to whom a hop to a worker thread costs more
+        than a run's few rows: it waits neither for another thread of this process
+        (the store's lock is taken only if free) nor for another process (no busy
+        wait for the database's write lock), and never checkpoints.  `work` itself
+        must be short.  Its errors are raised as on a thread, with nothing written.
+        """
+        if not self._lock.acquire(blocking=False):
+            return NOT_NOW  # type: ignore[no-any-return]
+        conn = self._conn
+        try:
+            conn.execute("PRAGMA busy_timeout = 0")
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError:
+                return NOT_NOW  # type: ignore[no-any-return]  # held by another connection: its thread will wait for it
+            finally:
+                conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+            self._owner = threading.get_ident()
+            try:
+                result = work()
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            finally:
+                self._owner = None
+            self._commits += 1
+            return result
+        finally:
+            self._lock.release()
+
+    @property
+    def checkpoint_due(self) -> bool:
+        """`write_now` has committed enough since the last checkpoint: run `checkpoint()` on a thread."""
+        return self._commits >= CHECKPOINT_EVERY
+
+    def checkpoint(self) -> None:
+        """Copy the write-ahead log into the database file, so it does not grow without end.
+
+        PASSIVE: it copies what no reader still needs and never waits for one.
+        Blocking (it syncs the file): call it where waiting is allowed.
+        """
+        with self._lock:
+            self._checkpoint()
+
+    def _checkpoint(self) -> None:
+        self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        self._commits = 0
+
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
+        if self._owner == threading.get_ident():  # inside `write_now`'s transaction
+            yield self._conn
+            return
         with self._lock:
             self._conn.execute("BEGIN IMMEDIATE")
             try:
@@ -97,10 +166,16 @@ class HistoryStore:
                 if self._conn.in_transaction:
                     self._conn.execute("ROLLBACK")
                 raise
+            self._commits += 1
+            if self._commits >= CHECKPOINT_EVERY:
+                self._checkpoint()
 
     @contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
         """A read transaction, so multi-query views come from one snapshot."""
+        if self._owner == threading.get_ident():  # inside `write_now`'s transaction
+            yield self._conn
+            return
         with self._lock:
             self._conn.execute("BEGIN")
             try:

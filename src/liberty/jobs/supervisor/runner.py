@@ -7,8 +7,10 @@ cancel poller; any number of runs execute concurrently inside its nursery.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
+import sqlite3
 import sys
 import time
 import uuid
@@ -20,6 +22,7 @@ import attrs
 import psutil
 import trio
 
+from .._notnow import NOT_NOW
 from ..config import Job, Step
 from ..errors import ConfigError, UsageError
 from ..history import AttemptRecord, HistoryStore, LogLine, RunView
@@ -39,6 +42,7 @@ StartMode = Literal["zygote", "spawn"]
 
 CANCEL_POLL_INTERVAL = 0.2
 SWITCH_INTERVAL = 0.0005
+MAX_STEPS_INLINE = 100  # a run's history writes go on the event loop while its rows are few (`_write_history`)
 
 Run = RunView
 
@@ -120,6 +124,8 @@ class Supervisor:
         self._connectors: Any | None = None
         self.spares = spares
         self._spares: SparePool | None = None
+        self._services: trio.Nursery | None = None
+        self._checkpointing = False
 
     # -- lifecycle --------------------------------------------------------
 
@@ -163,6 +169,7 @@ class Supervisor:
             self._sink = LogSink(self._store, self._listeners)
             services = await stack.enter_async_context(trio.open_nursery())
             stack.callback(services.cancel_scope.cancel)
+            self._services = services
             services.start_soon(self._sink.run)
             services.start_soon(self.containment.run_janitor)
             services.start_soon(self._poll_cancels)
@@ -279,6 +286,11 @@ class Supervisor:
             )
 
         handle = RunHandle(run_id, job, supervisor=self)
+        inline = len(job.steps) <= MAX_STEPS_INLINE
+        if inline and self._write_now(create) is not NOT_NOW:
+            handle._recorded.set()
+            self._launch(handle, params, user)
+            return handle
         if not ahead:
             await trio.to_thread.run_sync(create)
             handle._recorded.set()
@@ -299,6 +311,36 @@ class Supervisor:
         self._sink.release(run_id)
         handle._recorded.set()
         return handle
+
+    def _write_now(self, work: Callable[[], _T]) -> _T:
+        """`HistoryStore.write_now`, and a checkpoint on a worker thread once it is due."""
+        store = self._store
+        assert store is not None
+        result = store.write_now(work)
+        if store.checkpoint_due and not self._checkpointing and self._services is not None:
+            self._checkpointing = True
+            self._services.start_soon(self._checkpoint)
+        return result
+
+    async def _checkpoint(self) -> None:
+        assert self._store is not None
+        try:
+            await trio.to_thread.run_sync(self._store.checkpoint)
+        except sqlite3.Error as exc:  # the log keeps growing until one succeeds: said, not fatal
+            _log.warning("history checkpoint failed (%s); it is retried after further writes", exc)
+        finally:
+            self._checkpointing = False
+
+    async def _write_history(self, handle: RunHandle, *writes: Callable[[], Any] | None) -> Any:
+        """The writes, in order (the last one's result): in one transaction on the event loop when
+        the store can take it at once and the run is small, since a hop to a worker thread costs
+        more than a run's few rows; otherwise each in its own on a worker thread, as ever."""
+        work = _in_order(writes)
+        if len(handle.job.steps) <= MAX_STEPS_INLINE:
+            result = self._write_now(work)
+            if result is not NOT_NOW:
+                return result
+        return await trio.to_thread.run_sync(work)
 
     def _launch(self, handle: RunHandle, params: dict[str, Any] | None, user: str) -> None:
         self._active[handle.run_id] = handle
@@ -364,12 +406,12 @@ class Supervisor:
                 if final != Status.SUCCEEDED:
                     rest = [s.name for s in job.steps[index:]]
                     await _recorded(handle)
-                    await trio.to_thread.run_sync(_then(step_write, lambda: store.skip_steps(handle.run_id, rest)))
+                    await self._write_history(handle, step_write, lambda: store.skip_steps(handle.run_id, rest))
                     step_write = None
                     break
                 if step_write is not None:
                     await _recorded(handle)
-                    await trio.to_thread.run_sync(_then(step_write, lambda: store.start_step(handle.run_id, step.name)))
+                    await self._write_history(handle, step_write, lambda: store.start_step(handle.run_id, step.name))
                 record, step_write = await self._run_step(handle, step, {**job.params, **step.op_kwargs, **overrides}, previous, user)
                 previous[step.name] = record
                 if record["status"] != Status.SUCCEEDED:
@@ -377,13 +419,9 @@ class Supervisor:
             await _recorded(handle)
             await sink.flush()
 
-            def finish_run() -> RunView:
-                if step_write is not None:
-                    step_write()
-                store.finish_run(handle.run_id, final)
-                return store.get_run(handle.run_id)
-
-            handle.record = await trio.to_thread.run_sync(finish_run)
+            handle.record = await self._write_history(
+                handle, step_write, lambda: store.finish_run(handle.run_id, final), lambda: store.get_run(handle.run_id)
+            )
             for cleaned in handle._cleanups:  # removed meanwhile, on the janitor's thread: nothing is left when the run ends
                 await cleaned.wait()
         except _Unrecorded:
@@ -393,7 +431,7 @@ class Supervisor:
                 await handle._recorded.wait()  # the hop that writes the row is never abandoned
                 if not handle._unrecorded:
                     await trio.to_thread.run_sync(
-                        _then(step_write, lambda: store.mark_lost([handle.run_id], message="the supervisor stopped before the run ended"))
+                        _in_order((step_write, lambda: store.mark_lost([handle.run_id], message="the supervisor stopped before the run ended")))
                     )
             raise
 
@@ -437,7 +475,7 @@ class Supervisor:
             if not retryable or attempt >= step.retry.max_attempts:
                 break
             await _recorded(handle)
-            await trio.to_thread.run_sync(store.record_attempt, record)
+            await self._write_history(handle, functools.partial(store.record_attempt, record))
             record = None  # recorded; the step's final write needs only its own
             delay = step.retry.delay_before(attempt + 1)
             await self._system_log(
@@ -558,11 +596,13 @@ class Supervisor:
         )
 
 
-def _then(first: Callable[[], object] | None, second: Callable[[], _T]) -> Callable[[], _T]:
-    """One thread hop for two history writes, in order."""
-    def both() -> _T:
-        if first is not None:
-            first()
-        return second()
+def _in_order(writes: tuple[Callable[[], Any] | None, ...]) -> Callable[[], Any]:
+    """History writes made in one go, in order (None: nothing to write); the last one's result."""
+    def all_of() -> Any:
+        result = None
+        for write in writes:
+            if write is not None:
+                result = write()
+        return result
 
-    return both
+    return all_of
