@@ -10,13 +10,14 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import attrs
 import pytest
 
 from liberty.jobs.sandbox import SandboxSpec, prctl
-from liberty.jobs.supervisor.cgroups import CgroupManager
+from liberty.jobs.supervisor.cgroups import AttemptCgroup, CgroupManager
 
 Runner = Any  # conftest.run_sandboxed
 
@@ -132,6 +133,61 @@ def test_a_cgroup_the_child_cannot_join_is_reported_failed(run_sandboxed: Runner
     out = run_sandboxed(spec, "result(ok=1)")
     assert not out.report["cgroup"].applied
     assert "nomaflow-no-such-cgroup" in out.report["cgroup"].detail
+
+
+def _planned(mgr: CgroupManager, name: str, **limits: int) -> AttemptCgroup:
+    first = mgr.create(f"{name}-first")  # the parents exist from here on
+    assert first is not None and mgr.release(first)
+    group = mgr.plan(name, **limits)
+    assert group is not None
+    return group
+
+
+def _spec_for(base_spec: SandboxSpec, group: AttemptCgroup) -> SandboxSpec:
+    return attrs.evolve(
+        base_spec, cgroups=[str(d) for d in group.dirs.values()], make_cgroups=True, cgroup_limits=dict(group.limit_files)
+    )
+
+
+def test_the_child_makes_its_planned_cgroup_with_its_limits_before_joining_it(run_sandboxed: Runner, base_spec: SandboxSpec) -> None:
+    mgr = CgroupManager()
+    group = _planned(mgr, "planned", memory_mb=48, max_processes=9)
+    memory = next(Path(p) for p in group.limit_files if Path(p).name in ("memory.max", "memory.limit_in_bytes"))
+    try:
+        out = run_sandboxed(_spec_for(base_spec, group), "result(procs=open('/proc/self/cgroup').read().count('/att-planned'))")
+        assert out.report["cgroup"].applied, out.report["cgroup"].detail
+        assert out.result == {"procs": len(group.dirs)}
+        assert memory.read_text().strip() == str(48 << 20)
+        assert Path(next(p for p in group.limit_files if p.endswith("pids.max"))).read_text().strip() == "9"
+    finally:
+        assert mgr.close()
+
+
+def test_a_planned_cgroup_that_exists_already_is_reported_failed(run_sandboxed: Runner, base_spec: SandboxSpec) -> None:
+    mgr = CgroupManager()
+    group = _planned(mgr, "taken")
+    next(iter(group.dirs.values())).mkdir()  # someone else's: never joined as if it were the attempt's
+    try:
+        out = run_sandboxed(_spec_for(base_spec, group), "result(ok=1)")
+        assert not out.report["cgroup"].applied
+        assert "FileExistsError" in out.report["cgroup"].detail
+    finally:
+        assert mgr.close()
+
+
+def test_a_limit_file_outside_the_attempts_cgroups_is_refused(run_sandboxed: Runner, base_spec: SandboxSpec, tmp_path: Path) -> None:
+    mgr = CgroupManager()
+    group = _planned(mgr, "outside")
+    elsewhere = tmp_path / "memory.max"
+    elsewhere.write_text("untouched")
+    spec = attrs.evolve(_spec_for(base_spec, group), cgroup_limits={str(elsewhere): "1"})
+    try:
+        out = run_sandboxed(spec, "result(ok=1)")
+        assert not out.report["cgroup"].applied
+        assert "outside the attempt's cgroups" in out.report["cgroup"].detail
+        assert elsewhere.read_text() == "untouched"
+    finally:
+        assert mgr.close()
 
 
 def test_the_child_ends_undumpable_without_capabilities(run_sandboxed: Runner, base_spec: SandboxSpec) -> None:

@@ -317,3 +317,40 @@ def test_a_parent_removed_under_the_manager_is_made_again(manager: CgroupManager
     assert second is not None
     assert all(d.is_dir() for d in second.dirs.values())
     assert manager.release(second)
+
+
+# --- planned cgroups: made by the attempt's own process ---------------------------
+
+
+def test_nothing_is_planned_before_the_parents_are_made(manager: CgroupManager) -> None:
+    assert not manager.ready
+    assert manager.plan("early") is None
+    first = manager.create("first")
+    assert first is not None and manager.release(first)
+    assert manager.ready
+
+
+def test_a_planned_cgroup_is_not_made_but_its_limits_are_decided(manager: CgroupManager) -> None:
+    made = manager.create("first")
+    assert made is not None and manager.release(made)
+    group = manager.plan("planned", memory_mb=64, max_processes=12)
+    assert group is not None and group.planned
+    assert not any(d.exists() for d in group.dirs.values())
+    assert group.memory_limit_bytes == 64 << 20 and group.pids_limit == 12
+    values = {Path(path).name: value for path, value in group.limit_files.items()}
+    assert values.get("memory.max", values.get("memory.limit_in_bytes")) == str(64 << 20)
+    assert values["pids.max"] == "12"
+    assert all(any(Path(path).parent == d for d in group.dirs.values()) for path in group.limit_files)
+    assert manager.release(group)  # never made: nothing to remove, and that is fine
+
+
+def test_after_a_planned_cgroup_was_not_made_the_next_is_made_with_its_parents(manager: CgroupManager) -> None:
+    first = manager.create("first")
+    assert first is not None and manager.release(first)
+    for directory in first.dirs.values():
+        directory.parent.rmdir()  # as a careless cleanup elsewhere would: a planned one cannot be made now
+    manager.parents_lost()
+    assert manager.plan("then") is None
+    again = manager.create("again")
+    assert again is not None and all(d.is_dir() for d in again.dirs.values())
+    assert manager.release(again)

@@ -102,3 +102,43 @@ async def test_what_the_janitor_did_not_reach_is_cleaned_up_on_close(plugins: Pa
     await containment.close()
     assert done.is_set()
     assert not workdir.exists() and not any(d.exists() for d in group.dirs.values())
+
+
+@pytest.mark.trio
+async def test_after_the_first_attempt_each_makes_its_own_cgroup_before_it_runs(plugins: Path) -> None:
+    job = Job(name="j", steps=[Step(name="s", python="where:am_i")])
+    async with Supervisor(plugins=plugins, history=":memory:", spares=0) as sup:
+        made_here: list[str] = []
+        contain = sup.containment.contain
+
+        def watched(name: str, limits: Limits) -> object:
+            made_here.append(name)
+            return contain(name, limits)
+
+        sup.containment.contain = watched  # type: ignore[method-assign]
+        first = await sup.run(job)  # its cgroup is made on a worker thread, parents included
+        second = await sup.run(job)
+    assert first.status == second.status == "SUCCEEDED", second.steps[0].error
+    assert len(made_here) == 1 and first.run_id in made_here[0]
+    for run in (first, second):
+        groups = [line for line in run.steps[0].output["cgroup"].splitlines() if "/att-" in line]
+        assert len(groups) == len(sup.containment.cgroups.support.hierarchies)  # type: ignore[union-attr]
+
+
+@pytest.mark.trio
+async def test_an_attempt_that_cannot_make_its_cgroup_is_refused_and_the_next_one_runs(plugins: Path) -> None:
+    job = Job(name="j", steps=[Step(name="s", python="where:am_i")])
+    async with Supervisor(plugins=plugins, history=":memory:", spares=0) as sup:
+        first = await sup.run(job)
+        cgroups = sup.containment.cgroups
+        assert cgroups is not None
+        for h in cgroups.support.hierarchies:
+            root = cgroups.root(h.role)
+            assert root is not None
+            root.rmdir()  # empty once the run ended; as a careless cleanup elsewhere would
+        refused = await sup.run(job)
+        again = await sup.run(job)
+    assert first.status == again.status == "SUCCEEDED", again.steps[0].error
+    assert refused.status == "FAILED"
+    assert refused.steps[0].attempt_records[0].reason == "sandbox"
+    assert "cgroup" in refused.steps[0].error["message"]

@@ -82,6 +82,8 @@ class SandboxSpec:
     gid: int | None = None
     drop_capabilities: bool = True
     cgroups: list[str] = attrs.field(factory=list)  # the attempt's cgroup directories, one per hierarchy, to join first
+    make_cgroups: bool = False  # planned by the supervisor: make them, then write `cgroup_limits`, then join
+    cgroup_limits: dict[str, str] = attrs.field(factory=dict)  # control file -> value
 
     def to_dict(self) -> dict[str, Any]:
         return attrs.asdict(self)
@@ -97,7 +99,7 @@ class SandboxSpec:
             raise ValueError(f"sandbox spec: unknown keys {unknown}; known: {sorted(fields)}")
         for key, value in data.items():
             _check_type(key, value, fields[key].type)
-        return cls(**{k: list(v) if isinstance(v, list) else v for k, v in data.items()})
+        return cls(**{k: list(v) if isinstance(v, list) else dict(v) if isinstance(v, dict) else v for k, v in data.items()})
 
 
 _TYPES: dict[str, tuple[type, ...]] = {
@@ -106,6 +108,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "float | None": (int, float, type(None)),
     "int | None": (int, type(None)),
     "list[str]": (list,),
+    "dict[str, str]": (dict,),
 }
 
 
@@ -114,6 +117,8 @@ def _check_type(key: str, value: Any, annotation: Any) -> None:
     ok = isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed)
     if ok and isinstance(value, list):
         ok = all(isinstance(item, str) for item in value)
+    if ok and isinstance(value, dict):
+        ok = all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
     if not ok:
         raise TypeError(f"sandbox spec: {key} must be {annotation}, got {type(value).__name__} {value!r:.60}")
 
@@ -217,7 +222,7 @@ def apply(spec: SandboxSpec) -> AppliedReport:
     report = AppliedReport()
     if spec.cgroups:
         # First: everything after, and every process the step starts, is counted and killable with it.
-        _try(report, "cgroup", lambda: _join_cgroups(spec.cgroups))
+        _try(report, "cgroup", lambda: _enter_cgroups(spec))
     threads = _thread_count()
     report.add(
         "single_thread",
@@ -258,10 +263,20 @@ def _try(report: AppliedReport, name: str, action: Callable[[], str]) -> bool:
     return True
 
 
-def _join_cgroups(directories: list[str]) -> str:
-    for directory in directories:
+def _enter_cgroups(spec: SandboxSpec) -> str:
+    """Join the attempt's cgroups; planned ones are made first, limits set before anything is in them."""
+    if spec.make_cgroups:
+        for directory in spec.cgroups:
+            os.mkdir(directory)  # an existing one is an error: it is not ours alone
+        for path, value in spec.cgroup_limits.items():
+            if not any(path.startswith(directory + "/") for directory in spec.cgroups):
+                raise ValueError(f"cgroup limit file {path!r} is outside the attempt's cgroups")
+            write_small(path, value.encode())
+    for directory in spec.cgroups:
         write_small(os.path.join(directory, "cgroup.procs"), b"0")  # "0": the writing process
-    return f"joined {len(directories)} hierarch{'y' if len(directories) == 1 else 'ies'}"
+    n = len(spec.cgroups)
+    made = f"made with {len(spec.cgroup_limits)} limit file(s) and " if spec.make_cgroups else ""
+    return f"{made}joined {n} hierarch{'y' if n == 1 else 'ies'}"
 
 
 def _isolate_network() -> str:

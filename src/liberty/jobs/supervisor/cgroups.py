@@ -348,6 +348,10 @@ class AttemptCgroup:
         self.dirs = dirs
         self.memory_limit_bytes = memory_limit_bytes
         self.pids_limit = pids_limit
+        # Planned (`CgroupManager.plan`), not made: the attempt makes `dirs`, writes these
+        # limit files (path -> value) and joins, before any plugin code.
+        self.planned = False
+        self.limit_files: dict[str, str] = {}
         self.removed = False
         self.leftover: list[str] = []
         self._remove_lock = threading.Lock()
@@ -537,6 +541,11 @@ class StaleCleanup:
     leftover: list[str]
 
 
+def _check_name(name: str) -> None:
+    if not name or not set(name) <= _NAME_CHARS:
+        raise ValueError(f"attempt cgroup name {name!r} must be non-empty and use only letters, digits, '_', '.', '-'")
+
+
 class CgroupManager:
     """All cgroups of one supervisor: creates attempt cgroups, cleans up after dead supervisors."""
 
@@ -547,6 +556,7 @@ class CgroupManager:
         self._attempts: dict[str, AttemptCgroup] = {}
         self._parents = {h.role: h.base / self.tag for h in self.support.hierarchies}
         self._made: set[Path] = set()  # parents known to exist: no mkdir (and FileExistsError) per attempt
+        self._files: dict[Path, bool] = {}  # which optional control files a parent has
 
     @property
     def enabled(self) -> bool:
@@ -564,8 +574,7 @@ class CgroupManager:
         """
         if not self.enabled:
             return None
-        if not name or not set(name) <= _NAME_CHARS:
-            raise ValueError(f"attempt cgroup name {name!r} must be non-empty and use only letters, digits, '_', '.', '-'")
+        _check_name(name)
         dirs: dict[str, Path] = {}
         try:
             for h in self.support.hierarchies:
@@ -581,7 +590,8 @@ class CgroupManager:
                     directory.mkdir()
                 dirs[h.role] = directory
             group = AttemptCgroup(name, dirs)
-            self._set_limits(group, memory_mb, max_processes)
+            for path, value in self._limits(group, memory_mb, max_processes).items():
+                _write(Path(path), value)
         except FileExistsError as exc:
             for d in dirs.values():
                 if d != Path(exc.filename):
@@ -595,6 +605,36 @@ class CgroupManager:
             self._attempts[name] = group
         return group
 
+    def plan(self, name: str, *, memory_mb: int | None = None, max_processes: int | None = None) -> AttemptCgroup | None:
+        """`create`, but made by the attempt itself (`AttemptCgroup.planned`): no system call here.
+
+        An mkdir waits for the kernel's global cgroup mutex, so `create` runs on a
+        worker thread, whose hop (and its contention for the GIL) costs the
+        supervisor more than the mkdirs; the attempt's own process, before any
+        plugin code, makes them for nothing.  None when this supervisor's parent
+        directories are not known to exist yet: `create` them first.
+        """
+        if not self.enabled:
+            return None
+        _check_name(name)
+        if not self.ready:
+            return None
+        group = AttemptCgroup(name, {h.role: self._parents[h.role] / f"att-{name}" for h in self.support.hierarchies})
+        group.planned = True
+        group.limit_files = self._limits(group, memory_mb, max_processes)
+        with self._lock:
+            self._attempts[name] = group
+        return group
+
+    @property
+    def ready(self) -> bool:
+        """Attempt cgroups can be planned: every parent directory was made (by a `create`)."""
+        return all(parent in self._made for parent in self._parents.values())
+
+    def parents_lost(self) -> None:
+        """An attempt could not make its planned cgroup: the next `create` makes the parents again."""
+        self._made.clear()
+
     def _make_parents(self, h: Hierarchy, parent: Path) -> None:
         controllers = " ".join(f"+{c}" for c in ("memory", "pids") if getattr(self.support, c))
         for directory in (h.base, parent):
@@ -605,24 +645,37 @@ class CgroupManager:
             if h.role == "v2" and controllers:
                 _write(directory / "cgroup.subtree_control", controllers)
 
-    def _set_limits(self, group: AttemptCgroup, memory_mb: int | None, max_processes: int | None) -> None:
+    def _limits(self, group: AttemptCgroup, memory_mb: int | None, max_processes: int | None) -> dict[str, str]:
+        """The limit files to write in the group's directories, in order; notes the limits on `group`.
+
+        Which optional files exist is read from the parent directory (the same
+        controllers), once: `plan` makes no system call.
+        """
+        files: dict[str, str] = {}
         if memory_mb is not None and self.support.memory:
             limit = memory_mb * 1024 * 1024
             if "v2" in group.dirs:
                 d = group.dirs["v2"]
-                _write(d / "memory.max", str(limit))
+                files[str(d / "memory.max")] = str(limit)
                 for optional, value in (("memory.swap.max", "0"), ("memory.oom.group", "1")):
-                    if (d / optional).exists():
-                        _write(d / optional, value)
+                    if self._has(d.parent / optional):
+                        files[str(d / optional)] = value
             else:
                 d = group.dirs["memory"]
-                _write(d / "memory.limit_in_bytes", str(limit))
-                if (d / "memory.memsw.limit_in_bytes").exists():
-                    _write(d / "memory.memsw.limit_in_bytes", str(limit))
+                files[str(d / "memory.limit_in_bytes")] = str(limit)
+                if self._has(d.parent / "memory.memsw.limit_in_bytes"):
+                    files[str(d / "memory.memsw.limit_in_bytes")] = str(limit)
             group.memory_limit_bytes = limit
         if max_processes is not None and self.support.pids:
-            _write((group.dirs.get("pids") or group.dirs["v2"]) / "pids.max", str(max_processes))
+            files[str((group.dirs.get("pids") or group.dirs["v2"]) / "pids.max")] = str(max_processes)
             group.pids_limit = max_processes
+        return files
+
+    def _has(self, path: Path) -> bool:
+        known = self._files.get(path)
+        if known is None:
+            known = self._files[path] = path.exists()
+        return known
 
     def release(self, group: AttemptCgroup, timeout: float = 5.0) -> bool:
         """`group.remove()` and forget it."""

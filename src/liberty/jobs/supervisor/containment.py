@@ -143,7 +143,15 @@ class Containment:
             tuple(limits.readable),
             tuple(limits.writable),
         )
-        return {**spec, "workdir": workdir, "cgroups": [] if group is None else [str(d) for d in group.dirs.values()]}
+        if group is None:
+            return {**spec, "workdir": workdir}
+        return {
+            **spec,
+            "workdir": workdir,
+            "cgroups": [str(d) for d in group.dirs.values()],
+            "make_cgroups": group.planned,
+            "cgroup_limits": group.limit_files,
+        }
 
     @functools.lru_cache(maxsize=32)  # noqa: B019  (one Containment per Supervisor; steps reuse a few limits)
     def _spec_without_workdir(
@@ -171,8 +179,21 @@ class Containment:
     def _readable(self, extra: tuple[str, ...]) -> tuple[str, ...]:
         return tuple(outermost(default_readable(str(self.plugins), *extra)))
 
+    async def cgroup_for(self, name: str, limits: Limits) -> AttemptCgroup | None:
+        """The attempt's cgroup with the step's limits, which its process joins (`sandbox_spec`) before any plugin code.
+
+        Planned, for that process to make as it joins (`CgroupManager.plan`), or,
+        until this supervisor's parent directories exist, made by `contain` on a
+        worker thread.  Raises `CgroupError`, `OSError` or `ValueError`.
+        """
+        if self.cgroups is None or not self.cgroups.enabled:
+            return None
+        if self.cgroups.ready:
+            return self.cgroups.plan(_NAME.sub("_", name)[:120], memory_mb=limits.memory_mb, max_processes=self._max_processes(limits))
+        return await trio.to_thread.run_sync(self.contain, name, limits)
+
     def contain(self, name: str, limits: Limits) -> AttemptCgroup | None:
-        """A fresh cgroup with the step's limits, for the child to join (`sandbox_spec`) before any plugin code.
+        """A fresh cgroup with the step's limits, made now, for the child to join (`sandbox_spec`).
 
         Blocking: call it on a worker thread.  A cgroup mkdir takes the kernel's
         global cgroup mutex, so it can wait several milliseconds behind the
@@ -181,8 +202,17 @@ class Containment:
         """
         if self.cgroups is None or not self.cgroups.enabled:
             return None
-        max_processes = limits.max_processes + THREAD_RESERVE if limits.max_processes else None
-        return self.cgroups.create(_NAME.sub("_", name)[:120], memory_mb=limits.memory_mb, max_processes=max_processes)
+        return self.cgroups.create(_NAME.sub("_", name)[:120], memory_mb=limits.memory_mb, max_processes=self._max_processes(limits))
+
+    def cgroup_not_made(self, group: AttemptCgroup | None) -> None:
+        """An attempt reported that it could not make its planned cgroup (perhaps our parent
+        directory was removed under us): the next attempt's is made here, parents included."""
+        if group is not None and group.planned and self.cgroups is not None:
+            self.cgroups.parents_lost()
+
+    @staticmethod
+    def _max_processes(limits: Limits) -> int | None:
+        return limits.max_processes + THREAD_RESERVE if limits.max_processes else None
 
 
 def reap_zombies_from(*cgroup_names: str) -> int:
@@ -210,6 +240,12 @@ def reap_zombies_from(*cgroup_names: str) -> int:
 def _names(cgroup_line: str, name: str) -> bool:
     """Whether a /proc/<pid>/cgroup line is cgroup `name` or beneath it."""
     return cgroup_line.rstrip().removesuffix(" (deleted)").endswith("/" + name) or f"/{name}/" in cgroup_line
+
+
+def joined_cgroup(report: dict[str, Any] | None) -> bool:
+    """Whether the child's sandbox report says it is in its cgroup (made by it, if planned)."""
+    measure = (report or {}).get("cgroup")
+    return isinstance(measure, dict) and measure.get("applied") is True
 
 
 def sandbox_problem(report: dict[str, Any]) -> str | None:

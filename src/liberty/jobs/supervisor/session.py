@@ -57,7 +57,7 @@ from ..protocol.codec import encode_reply, encode_rows_blob, split_log, split_lo
 from ..types import Reason, Status
 from .processes import kill_tree, signal_name, stat_fields, tree_pids
 from .cgroups import AttemptCgroup, CgroupError
-from .containment import Containment, sandbox_gaps, sandbox_problem
+from .containment import Containment, joined_cgroup, sandbox_gaps, sandbox_problem
 from .spawn import ChildHandle, child_environment, spawn_child
 from .warm import PreparedChild, prepared_problem, ready_problem
 
@@ -243,11 +243,11 @@ class AttemptSession:
         return self._outcome(returncode, time.monotonic() - t0)
 
     async def _contain(self) -> None:
-        """A cgroup of its own, which the child joins on `prepare`, before any plugin code (it waits for `start`)."""
+        """A cgroup of its own, which the child joins (makes, if planned) on `prepare`, before any plugin code."""
         assert self._containment is not None
         name = f"{self._start.run_id}-{self._start.step}-{self._start.attempt}-{self._token[:8]}"
         try:
-            self._group = await trio.to_thread.run_sync(self._containment.contain, name, self._step.limits)
+            self._group = await self._containment.cgroup_for(name, self._step.limits)
         except (CgroupError, OSError, ValueError) as exc:
             self._refuse(Reason.SANDBOX, "SandboxError", f"could not put the step in its own cgroup: {exc}")
 
@@ -256,8 +256,9 @@ class AttemptSession:
         self._sandbox_report = report
         if report is None:
             return
-        joined = report.get("cgroup")
-        self._joined = self._group is not None and isinstance(joined, dict) and joined.get("applied") is True
+        self._joined = self._group is not None and joined_cgroup(report)
+        if self._group is not None and not self._joined and self._containment is not None:
+            self._containment.cgroup_not_made(self._group)
         problem = sandbox_problem(report)
         if problem:
             self._refuse(Reason.SANDBOX, "SandboxError", f"the sandbox could not be applied, so the step was not run: {problem}")

@@ -30,7 +30,7 @@ from ..config import Limits
 from ..errors import ProtocolError
 from ..protocol import DEFAULT_MAX_LINE, PROTOCOL_VERSION, LineSplitter, Prepare, Prepared, Ready, decode_child_message, encode
 from .cgroups import AttemptCgroup, CgroupError
-from .containment import Containment, sandbox_problem
+from .containment import Containment, joined_cgroup, sandbox_problem
 from .processes import stat_fields
 from .spawn import ChildHandle, child_environment
 
@@ -102,7 +102,7 @@ async def prepare_child(
     if making is not None:
         making.add(spare)
     try:
-        spare.group = await trio.to_thread.run_sync(containment.contain, f"{name}-{token[:8]}", limits)
+        spare.group = await containment.cgroup_for(f"{name}-{token[:8]}", limits)
         spec = containment.sandbox_spec(limits, workdir, spare.group)
         await child.to_child.send_all(encode(Prepare(plugins=plugins, sandbox=spec, expect=expect, rehearse=True)))
         with trio.fail_after(PREPARE_TIMEOUT):
@@ -111,6 +111,8 @@ async def prepare_child(
         if problem:
             raise PrepareError(f"bad handshake from the child: {problem}")
         problem = sandbox_problem(prepared.report) if prepared.report is not None else None
+        if spare.group is not None and not joined_cgroup(prepared.report):
+            containment.cgroup_not_made(spare.group)
         if problem:
             raise PrepareError(f"the sandbox could not be applied: {problem}")
         spare.report = prepared.report
