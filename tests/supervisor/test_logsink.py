@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -12,7 +13,7 @@ import trio
 import trio.testing
 
 from liberty.jobs.history import HistoryStore, LogLine
-from liberty.jobs.supervisor.logsink import BUDGET_BYTES, LogSink
+from liberty.jobs.supervisor.logsink import BUDGET_BYTES, INLINE_ROWS, LogSink
 
 pytestmark = pytest.mark.trio
 
@@ -135,3 +136,29 @@ async def test_a_discarded_runs_lines_are_never_written_and_free_their_budget(st
         assert sink._in_flight == 0
     assert [len(ln.message) for ln in store.logs("run-1")] == [BUDGET_BYTES * 3 // 4]
     assert store.logs("ghost") == []
+
+
+async def test_a_flush_with_nothing_put_returns_at_once(store: HistoryStore) -> None:
+    sink = LogSink(store, [])  # no flusher running: a flush that waited for one would never return
+    with trio.fail_after(5):
+        await sink.flush()
+
+
+async def test_a_few_lines_are_committed_on_the_event_loop_and_many_on_a_worker_thread(store: HistoryStore) -> None:
+    threads: list[str] = []
+    append = store.append_log_rows
+
+    def watched(rows: list) -> None:  # type: ignore[type-arg]
+        threads.append(threading.current_thread().name)
+        append(rows)
+
+    store.append_log_rows = watched  # type: ignore[method-assign]
+    sink = LogSink(store, [])
+    async with flushing(sink):
+        await sink.put_lines("run-1", "s", 1, "log", [("INFO", "few")] * INLINE_ROWS)
+        await sink.flush()
+        await sink.put_lines("run-1", "s", 1, "log", [("INFO", "many")] * (INLINE_ROWS + 1))
+        await sink.flush()
+    assert threads[0] == threading.current_thread().name
+    assert threads[1] != threading.current_thread().name
+    assert [ln.message for ln in store.logs("run-1", limit=1000)] == ["few"] * INLINE_ROWS + ["many"] * (INLINE_ROWS + 1)

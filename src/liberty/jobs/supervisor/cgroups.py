@@ -480,10 +480,13 @@ class AttemptCgroup:
         return not self.leftover
 
     def _remove(self, timeout: float) -> None:
-        self.kill()
-        if not self.wait_empty(timeout / 2):
-            with _Freeze(self.dirs):
-                self._signal_until_empty(deadline=time.monotonic() + timeout / 2)
+        kill_dir = self._kill_dir
+        # Every process of the attempt is in its v2 cgroup too: unpopulated there, it is empty everywhere.
+        if kill_dir is None or not _unpopulated(kill_dir):
+            self.kill()
+            if not self.wait_empty(timeout / 2):
+                with _Freeze(self.dirs):
+                    self._signal_until_empty(deadline=time.monotonic() + timeout / 2)
         deadline = time.monotonic() + timeout / 2
         left = list(self.dirs.values())
         while left:

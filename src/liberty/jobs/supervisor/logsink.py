@@ -6,7 +6,9 @@ gives backpressure (a child that logs faster than SQLite commits ends up
 blocked on its pipe rather than growing the supervisor's memory; lines may be
 64 KiB wide, so counting lines would not bound it).  One flusher task commits
 whatever queued up while the previous commit ran, so batches grow with the
-load and a quiet run still has each line committed at once.
+load and a quiet run still has each line committed at once.  A small batch
+(a quiet run's few lines) is committed on the event loop when the store can
+take it at once (`HistoryStore.write_now`), a bigger one on a worker thread.
 
 A run's lines may come before its row is in the history (its step starts
 while the row is written): `hold` keeps them queued until `release`, and
@@ -20,17 +22,26 @@ from collections.abc import Callable
 
 import trio
 
+from .._notnow import NOT_NOW
 from ..history import HistoryStore, LogLine
 from ..history.store import LogRow, log_row
 
 BUDGET_BYTES = 8 * 1024 * 1024
+INLINE_ROWS = 32  # a batch up to this many rows may be committed on the event loop
 _LINE_OVERHEAD = 200  # the row around the text
 
 
 class LogSink:
-    def __init__(self, store: HistoryStore, listeners: list[Callable[[LogLine], None]]) -> None:
+    def __init__(
+        self,
+        store: HistoryStore,
+        listeners: list[Callable[[LogLine], None]],
+        *,
+        write_now: Callable[[Callable[[], None]], object] | None = None,
+    ) -> None:
         self._store = store
         self._listeners = listeners
+        self._write_now = write_now or store.write_now  # the supervisor's also checkpoints when due
         self._queue: list[LogRow] = []
         self._queued_cost = 0
         self._barriers: list[trio.Event] = []
@@ -110,6 +121,8 @@ class LogSink:
     async def flush(self) -> None:
         """Return once every line put before this call is committed."""
         self._check_open()
+        if not self._in_flight:
+            return  # none queued, none being written
         done = trio.Event()
         self._barriers.append(done)
         self._wake.set()
@@ -139,7 +152,8 @@ class LogSink:
                     cost -= self._queued_cost
             barriers, self._barriers = self._barriers, []
             if batch:
-                await trio.to_thread.run_sync(self._store.append_log_rows, batch)
+                if len(batch) > INLINE_ROWS or self._write_now(lambda: self._store.append_log_rows(batch)) is NOT_NOW:
+                    await trio.to_thread.run_sync(self._store.append_log_rows, batch)
                 self._in_flight -= cost
                 self._drained.set()
                 self._drained = trio.Event()

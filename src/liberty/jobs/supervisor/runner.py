@@ -166,7 +166,7 @@ class Supervisor:
             stack.callback(self._store.close)
             await self._mark_lost_runs()
             self._connectors = await self._open_connectors(stack)
-            self._sink = LogSink(self._store, self._listeners)
+            self._sink = LogSink(self._store, self._listeners, write_now=self._write_now)
             services = await stack.enter_async_context(trio.open_nursery())
             stack.callback(services.cancel_scope.cancel)
             self._services = services
