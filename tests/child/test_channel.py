@@ -12,6 +12,7 @@ import pytest
 
 from liberty.jobs.child.channel import EXIT_PARENT_GONE, EXIT_PROTOCOL
 from liberty.jobs.protocol import PROTOCOL_FDS_ENV, PROTOCOL_VERSION, Cancel, Prepare, Start, encode
+from liberty.jobs.sandbox import SandboxSpec
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 
@@ -42,8 +43,8 @@ class RawChild:
         return self._reader.readline()
 
     def prepared(self) -> None:
-        assert b'"ready"' in self.line()
         self.send(Prepare(plugins=str(self.plugins)))
+        assert b'"ready"' in self.line()  # written with `prepared`, once prepared
         assert b'"prepared"' in self.line()
 
     def ended(self, *, hang_up: bool = True) -> tuple[int, str]:
@@ -83,6 +84,26 @@ def test_the_step_runs_once_start_arrives(child: RawChild) -> None:
     child.send(start())
     assert b'"hi"' in child.line()
     assert child.ended(hang_up=False)[0] == 0
+
+
+def test_a_start_sent_with_prepare_runs_once_prepared(child: RawChild) -> None:
+    child.send(Prepare(plugins=str(child.plugins)), start())  # a cold start: one write
+    assert b'"ready"' in child.line()
+    assert b'"prepared"' in child.line()
+    assert b'"hi"' in child.line()
+    assert child.ended(hang_up=False)[0] == 0
+
+
+def test_a_start_sent_with_prepare_is_not_run_in_a_sandbox_its_report_calls_broken(child: RawChild, tmp_path: Path) -> None:
+    (tmp_path / "steps.py").write_text(f"open({str(tmp_path / 'ran')!r}, 'w').close()\nasync def hello(ctx, **_):\n    return 1\n")
+    broken = SandboxSpec(workdir=str(tmp_path / "no-such-dir"), readable=[sys.prefix, str(SRC), str(tmp_path)]).to_dict()
+    child.send(Prepare(plugins=str(child.plugins), sandbox=broken), start())
+    assert b'"ready"' in child.line()
+    prepared = child.line()
+    assert b'"prepared"' in prepared and b"cannot be opened" in prepared  # the landlock measure failed
+    assert child.line() == b""  # nothing after: no result, the pipe closed
+    assert child.ended(hang_up=False)[0] == 0
+    assert not (tmp_path / "ran").exists()
 
 
 def test_a_message_other_than_start_after_prepare_is_a_protocol_failure(child: RawChild) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 from pathlib import Path
 from typing import Any
 
@@ -159,3 +160,20 @@ def test_a_rule_on_a_file_keeps_only_the_rights_a_file_can_have(tmp_path: Path) 
     assert (file_path, file_rights) == (str(tmp_path / "f"), landlock.READ_WRITE & rules.handled_fs & landlock._FILE_ONLY_RIGHTS)
     assert file_rights != dir_rights
     assert [p for p, _ in rules.skipped] == [str(tmp_path / "missing")]
+
+
+def test_a_path_said_to_be_a_file_is_opened_once_with_a_files_rights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from liberty.jobs.sandbox import landlock
+
+    (tmp_path / "f").write_text("x")
+    opened: list[int] = []
+    real_open = os.open
+    monkeypatch.setattr(landlock.os, "open", lambda path, flags, *a: opened.append(flags) or real_open(path, flags, *a))
+    rules = landlock.Ruleset()
+    try:
+        assert rules.allow(str(tmp_path / "f"), landlock.READ_WRITE, directory=False)
+        assert rules.allow(str(tmp_path), landlock.READ_WRITE, directory=False)  # wrong: it only loses rights
+    finally:
+        rules.close()
+    assert len(opened) == 2 and not any(flags & os.O_DIRECTORY for flags in opened)
+    assert [rights for _, rights in rules.rules] == [landlock.READ_WRITE & rules.handled_fs & landlock._FILE_ONLY_RIGHTS] * 2

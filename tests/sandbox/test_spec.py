@@ -20,7 +20,10 @@ def test_spec_rejects_unknown_keys_by_name() -> None:
         SandboxSpec.from_dict({"workdir": "/w", "memory_mb": 5})
 
 
-@pytest.mark.parametrize(("key", "value"), [("max_open_files", "64"), ("network", 1), ("uid", True), ("readable", ["/usr", 3])])
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("max_open_files", "64"), ("network", 1), ("uid", True), ("readable", ["/usr", 3]), ("cgroup_limits", {"/x": 1}), ("make_cgroups", "yes")],
+)
 def test_spec_rejects_wrong_types_by_key(key: str, value: object) -> None:
     with pytest.raises(TypeError, match=key):
         SandboxSpec.from_dict({"workdir": "/w", key: value})

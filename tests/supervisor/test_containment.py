@@ -9,7 +9,8 @@ import pytest
 import trio
 
 from liberty.jobs import Job, Limits, Step, Supervisor
-from liberty.jobs.supervisor.containment import Containment, sandbox_gaps, sandbox_problem
+from liberty.jobs.sandbox import sandbox_gaps, sandbox_problem
+from liberty.jobs.supervisor.containment import Containment
 from supervisor_helpers import plugins_dir
 
 APPLIED = {"applied": True, "detail": "ok"}
@@ -142,3 +143,11 @@ async def test_an_attempt_that_cannot_make_its_cgroup_is_refused_and_the_next_on
     assert refused.status == "FAILED"
     assert refused.steps[0].attempt_records[0].reason == "sandbox"
     assert "cgroup" in refused.steps[0].error["message"]
+
+
+def test_the_spec_names_the_readable_paths_that_are_files(plugins: Path, tmp_path: Path) -> None:
+    (tmp_path / "extra.conf").write_text("x")
+    spec = Containment(plugins=plugins).sandbox_spec(Limits(readable=[str(tmp_path / "extra.conf")]), str(tmp_path), None)
+    assert spec is not None
+    assert str(tmp_path / "extra.conf") in spec["readable_files"] and "/etc/passwd" in spec["readable_files"]
+    assert "/usr" in spec["readable"] and not any(os.path.isfile(p) for p in spec["readable"])

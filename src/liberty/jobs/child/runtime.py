@@ -35,20 +35,27 @@ def serve(fd_in: int, fd_out: int) -> None:
 
     Everything that does not depend on the step (the sandbox, the plugins path,
     the event loop, the reader thread) happens on `prepare`, so a supervisor can
-    prepare an attempt ahead of the request that will use it.
+    prepare an attempt ahead of the request that will use it.  A step is never
+    started in a sandbox that its own report calls broken, whether or not
+    `start` is already in the pipe.
     """
     channel = Channel(fd_in, fd_out)
-    channel.send(Ready(version=PROTOCOL_VERSION, pid=os.getpid()))
     prepare = channel.receive()
     if not isinstance(prepare, Prepare):
+        channel.send(Ready(version=PROTOCOL_VERSION, pid=os.getpid()))
         print(f"nomaflow child: expected prepare (protocol {PROTOCOL_VERSION}), got {prepare!r:.200}", file=sys.stderr)
         os._exit(2)
     report = None
     if prepare.sandbox is not None:
         # Still single-threaded here: Landlock, no_new_privs and the netns apply per thread.
-        from ..sandbox import SandboxSpec, apply
+        from ..sandbox import SandboxSpec, apply, sandbox_problem
 
         report = apply(SandboxSpec.from_dict(prepare.sandbox)).to_dict()
+        if sandbox_problem(report):
+            # `start` may be in the pipe already (a cold start sends it with `prepare`): it is
+            # not run.  The supervisor reads why from the report and records the refusal.
+            channel.send(_handshake(report))
+            _flush_and_exit(0)
     install_stack_dump()
     install_plugins_path(prepare.plugins)
     # A bare loop rather than asyncio.run(): the process exits right after the result is
@@ -60,13 +67,18 @@ def serve(fd_in: int, fd_out: int) -> None:
         _rehearse(loop, prepare.plugins)
     if prepare.expect:
         compile_ahead(prepare.plugins, prepare.expect)
-    channel.send(Prepared(report=report))
+    channel.send(_handshake(report))
     start = channel.wait_start()
     if start.version != PROTOCOL_VERSION:
         print(f"nomaflow child: expected start (protocol {PROTOCOL_VERSION}), got {start.version}", file=sys.stderr)
         os._exit(2)
     run_attempt(channel, start, prepare.plugins, loop)
     _flush_and_exit(0)
+
+
+def _handshake(report: dict[str, Any] | None) -> bytes:
+    """`ready` and `prepared` in one write, once prepared: the supervisor reads them together."""
+    return encode(Ready(version=PROTOCOL_VERSION, pid=os.getpid())) + encode(Prepared(report=report))
 
 
 _stack_dump_installed = False

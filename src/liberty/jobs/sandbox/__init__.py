@@ -4,7 +4,7 @@ Runs inside the child interpreter, so it imports neither trio nor the
 supervisor; the supervisor may import it (for `probe()` and `SandboxSpec`).
 """
 
-from .apply import DEVICES, AppliedReport, Measure, SandboxSpec, apply, default_readable, outermost
+from .apply import DEVICES, AppliedReport, Measure, SandboxSpec, apply, default_readable, outermost, sandbox_gaps, sandbox_problem
 from .landlock import abi_version as landlock_abi
 from .probe import probe, unprivileged_user
 
@@ -18,5 +18,7 @@ __all__ = [
     "landlock_abi",
     "outermost",
     "probe",
+    "sandbox_gaps",
+    "sandbox_problem",
     "unprivileged_user",
 ]

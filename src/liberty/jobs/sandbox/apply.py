@@ -75,6 +75,7 @@ class SandboxSpec:
     max_processes: int | None = None
     network: bool = True
     readable: list[str] = attrs.field(factory=list)
+    readable_files: list[str] = attrs.field(factory=list)  # known to be files: opened once, not as a directory first
     writable: list[str] = attrs.field(factory=list)
     landlock: bool = True
     no_new_privs: bool = True
@@ -353,6 +354,8 @@ def _landlock_ruleset(spec: SandboxSpec, report: AppliedReport, *, deny_tcp: boo
     try:
         for path in spec.readable:
             ruleset.allow(path, landlock.READ_ONLY)
+        for path in spec.readable_files:
+            ruleset.allow(path, landlock.READ_ONLY, directory=False)
         for path in [spec.workdir, *spec.writable]:
             ruleset.allow(path, landlock.READ_WRITE)
         for path in DEVICES:
@@ -381,3 +384,31 @@ def _report_tcp_fallback(report: AppliedReport, ruleset: landlock.Ruleset | None
         report.add("network_fallback", True, "Landlock denies TCP bind/connect (UDP and unix sockets stay open)")
     else:
         report.add("network_fallback", False, f"Landlock ABI {ruleset.abi} < 4 cannot deny TCP: the network stays reachable")
+
+
+# Measures whose failure is a known, reported gap rather than a broken sandbox.
+_TOLERATED = {"rlimit_nproc", "network_fallback"}
+
+
+def sandbox_problem(report: dict[str, Any]) -> str | None:
+    """The reason to refuse running a plugin after this sandbox report, or None.
+
+    Judged twice: by the child itself, which then does not run the step, and by the supervisor.
+    """
+    failed = [
+        f"{name}: {m.get('detail', '')}"
+        for name, m in report.items()
+        if isinstance(m, dict) and not m.get("applied") and name not in _TOLERATED
+    ]
+    return "; ".join(failed) or None
+
+
+def sandbox_gaps(report: dict[str, Any], *, pids_capped: bool) -> str:
+    """The tolerated measures that did not apply, worth a line in the run log ('' if none matters)."""
+    gaps = [
+        f"{name} not applied ({m.get('detail', '')})"
+        for name, m in report.items()
+        if isinstance(m, dict) and not m.get("applied") and name in _TOLERATED
+        and not (name == "rlimit_nproc" and pids_capped)  # the cgroup's pids.max holds the limit instead
+    ]
+    return "; ".join(gaps)

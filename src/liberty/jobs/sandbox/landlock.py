@@ -146,12 +146,19 @@ class Ruleset:
         self.rules: list[tuple[str, int]] = []
         self.skipped: list[tuple[str, str]] = []
 
-    def allow(self, path: str, rights: int) -> bool:
-        """Grant `rights` beneath `path`; a missing path is noted in `skipped`, not an error."""
+    def allow(self, path: str, rights: int, *, directory: bool = True) -> bool:
+        """Grant `rights` beneath `path`; a missing path is noted in `skipped`, not an error.
+
+        A path is tried as a directory first (most rules are: no fstat for those);
+        `directory=False` says it is a file, opened once, with only a file's rights
+        (were it a directory after all, those narrow what it grants, never widen).
+        """
         rights &= self.handled_fs
         try:
             try:
-                fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)  # most rules are directories: no fstat
+                if not directory:
+                    raise NotADirectoryError(path)
+                fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
             except NotADirectoryError:
                 fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
                 rights &= _FILE_ONLY_RIGHTS

@@ -35,8 +35,6 @@ _log = logging.getLogger(__name__)
 # threads (reader, to_thread workers) are not the plugin's to count.
 FD_RESERVE = 16
 THREAD_RESERVE = 8
-# Measures whose failure is a known, reported gap rather than a broken sandbox.
-_TOLERATED = {"rlimit_nproc", "network_fallback"}
 _NAME = re.compile(r"[^A-Za-z0-9_.-]")
 
 
@@ -171,7 +169,8 @@ class Containment:
             max_file_mb=max_file_mb,
             max_processes=max_processes + THREAD_RESERVE if max_processes else None,
             network=network,
-            readable=list(self._readable(readable)),
+            readable=[p for p in self._readable(readable) if not os.path.isfile(p)],
+            readable_files=[p for p in self._readable(readable) if os.path.isfile(p)],
             writable=list(writable),
         ).to_dict()
 
@@ -246,24 +245,3 @@ def joined_cgroup(report: dict[str, Any] | None) -> bool:
     """Whether the child's sandbox report says it is in its cgroup (made by it, if planned)."""
     measure = (report or {}).get("cgroup")
     return isinstance(measure, dict) and measure.get("applied") is True
-
-
-def sandbox_problem(report: dict[str, Any]) -> str | None:
-    """The reason to refuse running a plugin after this sandbox report, or None."""
-    failed = [
-        f"{name}: {m.get('detail', '')}"
-        for name, m in report.items()
-        if isinstance(m, dict) and not m.get("applied") and name not in _TOLERATED
-    ]
-    return "; ".join(failed) or None
-
-
-def sandbox_gaps(report: dict[str, Any], *, pids_capped: bool) -> str:
-    """The tolerated measures that did not apply, worth a line in the run log ('' if none matters)."""
-    gaps = [
-        f"{name} not applied ({m.get('detail', '')})"
-        for name, m in report.items()
-        if isinstance(m, dict) and not m.get("applied") and name in _TOLERATED
-        and not (name == "rlimit_nproc" and pids_capped)  # the cgroup's pids.max holds the limit instead
-    ]
-    return "; ".join(gaps)

@@ -57,7 +57,8 @@ from ..protocol.codec import encode_reply, encode_rows_blob, split_log, split_lo
 from ..types import Reason, Status
 from .processes import kill_tree, signal_name, stat_fields, tree_pids
 from .cgroups import AttemptCgroup, CgroupError
-from .containment import Containment, joined_cgroup, sandbox_gaps, sandbox_problem
+from ..sandbox import sandbox_gaps, sandbox_problem
+from .containment import Containment, joined_cgroup
 from .spawn import ChildHandle, child_environment, spawn_child
 from .warm import PreparedChild, prepared_problem, ready_problem
 
@@ -275,9 +276,16 @@ class AttemptSession:
 
     async def _drive(self, child: ChildHandle, t0: float) -> None:
         if not self._prepared.is_set():
-            # Cold: `prepare` goes out without waiting for `ready` (the pipe holds it), but
-            # `start` only once the child reports its sandbox: no plugin code in a broken one.
-            await self._send(self._prepare_msg)
+            # Cold: `prepare` and `start` go out together, without waiting for `ready` (the
+            # pipe holds them).  The child runs no plugin code in a sandbox its own report
+            # calls broken, and the report is judged here again when it comes.
+            try:
+                start = encode(self._start, max_line=self._max_line)
+            except ProtocolError as exc:
+                self._refuse(Reason.EXCEPTION, "InvalidParams", f"the step's start message cannot be sent: {exc}")
+                return
+            self._start_sent = True
+            await self._send_bytes(encode(self._prepare_msg, max_line=self._max_line) + start)
             with trio.move_on_after(STARTUP_TIMEOUT):
                 await self._until(lambda: self._prepared.is_set() or self._settled.is_set())
             if self._settled.is_set():

@@ -30,7 +30,8 @@ from ..config import Limits
 from ..errors import ProtocolError
 from ..protocol import DEFAULT_MAX_LINE, PROTOCOL_VERSION, LineSplitter, Prepare, Prepared, Ready, decode_child_message, encode
 from .cgroups import AttemptCgroup, CgroupError
-from .containment import Containment, joined_cgroup, sandbox_problem
+from ..sandbox import sandbox_problem
+from .containment import Containment, joined_cgroup
 from .processes import stat_fields
 from .spawn import ChildHandle, child_environment
 
