@@ -79,8 +79,8 @@ def install_plugins_path(plugins_dir: str) -> None:
         del sys.path_importer_cache[cached]
 
 
-_REHEARSAL_MODULE = "_nomaflow_rehearsal"
-_REHEARSAL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_rehearsal")
+REHEARSAL_MODULE = "_nomaflow_rehearsal"
+REHEARSAL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_rehearsal")  # a stand-in plugins directory
 
 
 def rehearse_import(plugins_dir: str) -> None:
@@ -89,14 +89,14 @@ def rehearse_import(plugins_dir: str) -> None:
     in its own directory (so nothing is written to the attempt's work dir), forgotten
     again before the step runs.  `resolve_function` lists the plugins directory again."""
     machinery.PathFinder.find_spec("_nomaflow_no_such_module_", [plugins_dir])
-    sys.path_importer_cache[_REHEARSAL_DIR] = machinery.FileFinder(_REHEARSAL_DIR, (_FreshSourceLoader, machinery.SOURCE_SUFFIXES))
-    sys.path.insert(0, _REHEARSAL_DIR)
+    sys.path_importer_cache[REHEARSAL_DIR] = machinery.FileFinder(REHEARSAL_DIR, (_FreshSourceLoader, machinery.SOURCE_SUFFIXES))
+    sys.path.insert(0, REHEARSAL_DIR)
     try:
-        importlib.import_module(_REHEARSAL_MODULE)
+        importlib.import_module(REHEARSAL_MODULE)
     finally:
-        sys.path.remove(_REHEARSAL_DIR)
-        sys.path_importer_cache.pop(_REHEARSAL_DIR, None)
-        sys.modules.pop(_REHEARSAL_MODULE, None)
+        sys.path.remove(REHEARSAL_DIR)
+        sys.path_importer_cache.pop(REHEARSAL_DIR, None)
+        sys.modules.pop(REHEARSAL_MODULE, None)
 
 
 def _forget_listings(plugins_dir: str) -> None:

@@ -54,7 +54,7 @@ def serve(fd_in: int, fd_out: int) -> None:
         if sandbox_problem(report):
             # `start` may be in the pipe already (a cold start sends it with `prepare`): it is
             # not run.  The supervisor reads why from the report and records the refusal.
-            channel.send(_handshake(report))
+            channel.send(handshake(report))
             _flush_and_exit(0)
     install_stack_dump()
     install_plugins_path(prepare.plugins)
@@ -67,7 +67,7 @@ def serve(fd_in: int, fd_out: int) -> None:
         _rehearse(loop, prepare.plugins)
     if prepare.expect:
         compile_ahead(prepare.plugins, prepare.expect)
-    channel.send(_handshake(report))
+    channel.send(handshake(report))
     start = channel.wait_start()
     if start.version != PROTOCOL_VERSION:
         print(f"nomaflow child: expected start (protocol {PROTOCOL_VERSION}), got {start.version}", file=sys.stderr)
@@ -76,7 +76,7 @@ def serve(fd_in: int, fd_out: int) -> None:
     _flush_and_exit(0)
 
 
-def _handshake(report: dict[str, Any] | None) -> bytes:
+def handshake(report: dict[str, Any] | None) -> bytes:
     """`ready` and `prepared` in one write, once prepared: the supervisor reads them together."""
     return encode(Ready(version=PROTOCOL_VERSION, pid=os.getpid())) + encode(Prepared(report=report))
 

@@ -27,6 +27,7 @@ from . import context as _context  # noqa: F401
 from . import loader as _loader  # noqa: F401
 from . import runtime
 from .forking import SiblingForker
+from .warmup import warm_up
 from .. import sandbox as _sandbox  # noqa: F401
 from .._sysfiles import write_small
 from ..protocol.zygote import MAX_REQUEST, REPLY, REQUEST_FDS, REQUEST_HEADER, ZYGOTE_FD_ENV
@@ -41,7 +42,7 @@ def main() -> None:
     # Made once here rather than in every attempt's first `set_event_loop` (a third of its cost);
     # it holds no loop and no descriptor, only the (empty) per-thread slot for one.
     asyncio.get_event_loop_policy()
-    _run_one_event_loop()
+    warm_up()  # the attempt's path, quickened here once instead of in every attempt
     runtime.install_stack_dump()
     # The zygote never execs: an empty bounding set costs it nothing and spares each attempt the drop.
     # Its capabilities stay (attempts need them to seal themselves) until each attempt's capset.
@@ -90,16 +91,6 @@ def _serve(sock: socket.socket, forker: SiblingForker) -> None:
             sock.send(reply)
         except OSError:
             os._exit(0)  # the supervisor is gone
-
-
-def _run_one_event_loop() -> None:
-    """Create, run and close a loop, so that what asyncio builds on first use is built here, once,
-    not in every attempt (a fifth of an attempt's loop set-up).  Closed, it leaves no descriptor."""
-    loop = asyncio.new_event_loop()
-    try:
-        loop.run_until_complete(asyncio.sleep(0))
-    finally:
-        loop.close()
 
 
 def _replace_environ(env: dict[str, str]) -> None:

@@ -31,7 +31,7 @@ def _frozen(cls: type) -> type:
 
 @_frozen
 class Ready:
-    """First line from a child: it runs and speaks this protocol version."""
+    """A child's first line, written together with `prepared`: it runs and speaks this protocol version."""
 
     version: int
     pid: int
@@ -115,8 +115,9 @@ class Failed:
 class Prepare:
     """Everything a child does before its step is known: seal the sandbox, set up the plugins path.
 
-    Sent right after `ready`, so that an attempt can be prepared ahead of the
-    request that will use it; `start` follows when the step is chosen.
+    The first message, sent as soon as the child is started, so that an attempt
+    can be prepared ahead of the request that will use it; `start` follows when
+    the step is chosen (at once, on a cold start).
     """
 
     plugins: str

@@ -254,6 +254,19 @@ def apply(spec: SandboxSpec) -> AppliedReport:
     return report
 
 
+def rehearse(spec: SandboxSpec) -> dict[str, dict[str, Any]]:
+    """`apply`'s work that changes nothing: the Landlock ruleset built and closed, never enforced,
+    and a report of the same shape.  For the zygote's warm-up (`child/warmup.py`)."""
+    report = AppliedReport()
+    threads = _thread_count()
+    report.add("single_thread", threads == 1, f"{threads} thread(s)")
+    ruleset = _landlock_ruleset(spec, report, deny_tcp=False) if spec.landlock else None
+    if ruleset is not None:
+        report.add("landlock", True, f"{len(ruleset.rules)} rules built, not enforced")
+        ruleset.close()
+    return report.to_dict()
+
+
 def _try(report: AppliedReport, name: str, action: Callable[[], str]) -> bool:
     try:
         detail = action()
