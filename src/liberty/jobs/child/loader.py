@@ -57,6 +57,11 @@ def compile_ahead(plugins_dir: str, ref: str) -> str | None:
     return path
 
 
+def forget_compiled() -> None:
+    """Drop what `compile_ahead` kept and no import used."""
+    _compiled_ahead.clear()
+
+
 def install_plugins_path(plugins_dir: str) -> None:
     """Put the plugins directory first on sys.path, imported through the fresh loader."""
     root = os.path.realpath(plugins_dir)

@@ -64,7 +64,7 @@ def serve(fd_in: int, fd_out: int) -> None:
     asyncio.set_event_loop(loop)
     channel.start_reader()
     if prepare.rehearse:
-        _rehearse(loop, prepare.plugins)
+        rehearse_start(loop, prepare.plugins)
     if prepare.expect:
         compile_ahead(prepare.plugins, prepare.expect)
     channel.send(handshake(report))
@@ -97,7 +97,7 @@ def install_stack_dump() -> None:
         _stack_dump_installed = True
 
 
-def _rehearse(loop: asyncio.AbstractEventLoop, plugins: str) -> None:
+def rehearse_start(loop: asyncio.AbstractEventLoop, plugins: str) -> None:
     """Walk, on nothing, the paths a step start takes (import, a task on the loop, checking and
     encoding a result), so that the pages they touch are copied from the zygote now, while
     the attempt waits, instead of after `start`."""

@@ -9,11 +9,11 @@ path is already quickened in the memory the attempts inherit.  Measured on the
 spares' rehearsal in a forked child: 1.9-2.0 ms of CPU and 570-580 page
 faults without, 1.5-1.6 ms and 490 with.
 
-Only what has no effect outside this process is walked: the protocol over pipes
-of its own, the sandbox spec and a report (the Landlock ruleset built and
-closed, never enforced), an event loop, the import of the shipped stand-in
-module through the plugins loader (then forgotten), its step run on the loop,
-the result sent.  Nothing is sealed, no thread is started, every descriptor is
+Only what has no effect outside this process is walked: the zygote request's
+body parsed, the protocol over pipes of its own, the sandbox spec and a report
+(the Landlock ruleset built and closed, never enforced), an event loop, what a
+spare does while it waits, the import of the shipped stand-in module through the
+plugins loader (then forgotten), its step run on the loop, the result sent.  Nothing is sealed, no thread is started, every descriptor is
 closed, and `sys.path`, its hooks and caches and `sys.modules` are as before.
 """
 
@@ -23,15 +23,15 @@ import asyncio
 import json
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from ..protocol import PROTOCOL_VERSION, Prepare, Start, encode
 from ..sandbox import SandboxSpec, default_readable, outermost, sandbox_problem
 from ..sandbox.apply import rehearse
 from .channel import Channel
-from .loader import REHEARSAL_DIR, REHEARSAL_MODULE, install_plugins_path
-from .runtime import handshake, run_attempt
+from .loader import REHEARSAL_DIR, REHEARSAL_MODULE, compile_ahead, forget_compiled, install_plugins_path
+from .runtime import handshake, rehearse_start, run_attempt
 
 WARM_UP_ROUNDS = 12  # measured: 8 to 16 quicken it all; more only leaves more holes in the heap
 
@@ -41,15 +41,19 @@ _START = Start(
 )
 
 
-def warm_up(rounds: int = WARM_UP_ROUNDS) -> None:
-    """Walk the attempt's path `rounds` times (see the module's docstring)."""
+def warm_up(rounds: int = WARM_UP_ROUNDS, *, read_request: Callable[[bytes], object] | None = None) -> None:
+    """Walk the attempt's path `rounds` times (see the module's docstring); `read_request`
+    parses a zygote request's body as the attempt does, without acting on it."""
     paths = outermost(default_readable(REHEARSAL_DIR))  # as the supervisor's spec has them
     spec = SandboxSpec(
         workdir=REHEARSAL_DIR,
         readable=[p for p in paths if not os.path.isfile(p)],
         readable_files=[p for p in paths if os.path.isfile(p)],
     ).to_dict()
+    body = json.dumps({"env": dict(os.environ), "cwd": "/"}).encode()
     for _ in range(rounds):
+        if read_request is not None:
+            read_request(body)
         _walk(spec)
     asyncio.set_event_loop(None)
 
@@ -61,7 +65,6 @@ def _walk(spec: dict[str, object]) -> None:
     try:
         # What the supervisor sends on a cold start, then the attempt's own steps.
         os.write(w_in, encode(Prepare(plugins=REHEARSAL_DIR, sandbox=spec)) + encode(_START))
-        json.loads(json.dumps({"env": dict(os.environ), "cwd": "/"}))  # the zygote request's body
         channel = Channel(r_in, w_out)
         prepare = channel.receive()
         if not isinstance(prepare, Prepare):
@@ -71,6 +74,8 @@ def _walk(spec: dict[str, object]) -> None:
         with _plugins_path(prepare.plugins):
             loop = asyncio.new_event_loop()
             asyncio.set_event_loop(loop)
+            rehearse_start(loop, prepare.plugins)  # what a spare does while it waits
+            compile_ahead(prepare.plugins, _START.function)
             channel.send(handshake(report))
             run_attempt(channel, channel.wait_start(), prepare.plugins, loop)
     finally:
@@ -93,3 +98,4 @@ def _plugins_path(plugins: str) -> Iterator[None]:
         for key in set(sys.path_importer_cache) - cached:
             del sys.path_importer_cache[key]
         sys.modules.pop(REHEARSAL_MODULE, None)
+        forget_compiled()

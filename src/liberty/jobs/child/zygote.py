@@ -42,7 +42,7 @@ def main() -> None:
     # Made once here rather than in every attempt's first `set_event_loop` (a third of its cost);
     # it holds no loop and no descriptor, only the (empty) per-thread slot for one.
     asyncio.get_event_loop_policy()
-    warm_up()  # the attempt's path, quickened here once instead of in every attempt
+    warm_up(read_request=lambda body: _attempt_request(json.loads(body)))  # the attempt's path, quickened once here
     runtime.install_stack_dump()
     # The zygote never execs: an empty bounding set costs it nothing and spares each attempt the drop.
     # Its capabilities stay (attempts need them to seal themselves) until each attempt's capset.
