@@ -43,7 +43,8 @@ _START = Start(
 
 def warm_up(rounds: int = WARM_UP_ROUNDS, *, read_request: Callable[[bytes], object] | None = None) -> None:
     """Walk the attempt's path `rounds` times (see the module's docstring); `read_request`
-    parses a zygote request's body as the attempt does, without acting on it."""
+    reads a zygote request's body as the attempt does: this one asks for the environment
+    the process already has."""
     paths = outermost(default_readable(REHEARSAL_DIR))  # as the supervisor's spec has them
     spec = SandboxSpec(
         workdir=REHEARSAL_DIR,
