@@ -30,6 +30,7 @@ from .forking import SiblingForker
 from .warmup import warm_up
 from .. import sandbox as _sandbox  # noqa: F401
 from .._sysfiles import write_small
+from ..protocol.codec import loads
 from ..protocol.zygote import MAX_REQUEST, REPLY, REQUEST_FDS, REQUEST_HEADER, ZYGOTE_FD_ENV
 from ..sandbox import prctl as _prctl
 
@@ -43,7 +44,7 @@ def main() -> None:
     # it holds no loop and no descriptor, only the (empty) per-thread slot for one.
     asyncio.get_event_loop_policy()
     # The attempt's path, quickened once here; the request read back is the zygote's own environment, so applying it changes nothing.
-    warm_up(read_request=lambda body: _replace_environ(_attempt_request(json.loads(body))[0]))
+    warm_up(read_request=lambda body: _replace_environ(_attempt_request(loads(body))[0]))
     runtime.install_stack_dump()
     # The zygote never execs: an empty bounding set costs it nothing and spares each attempt the drop.
     # Its capabilities stay (attempts need them to seal themselves) until each attempt's capset.
@@ -133,7 +134,7 @@ def _become_attempt(sock: socket.socket, body: bytes, fds: list[int]) -> None:
         os.dup2(err_w, 2)
         os.close(out_w)
         os.close(err_w)
-        env, cwd = _attempt_request(json.loads(body))
+        env, cwd = _attempt_request(loads(body))
         _replace_environ(env)
         os.chdir(cwd)
         random.seed()

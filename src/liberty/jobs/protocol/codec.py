@@ -53,6 +53,12 @@ _DECODER = json.JSONDecoder(parse_constant=_reject_constant)  # one, not one per
 _SCAN = json.scanner.make_scanner(_DECODER)  # its C scanner, without the wrapper's whitespace handling
 
 
+def loads(line: bytes) -> Any:
+    """One JSON value, read as every protocol line is (same scanner; `ProtocolError` if it is not
+    JSON).  The zygote's request body uses it too: a forked attempt then touches one JSON reader."""
+    return _loads(line)
+
+
 def _loads(line: bytes) -> Any:
     try:
         text = line.decode("utf-8")
