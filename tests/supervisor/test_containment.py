@@ -151,3 +151,18 @@ def test_the_spec_names_the_readable_paths_that_are_files(plugins: Path, tmp_pat
     assert spec is not None
     assert str(tmp_path / "extra.conf") in spec["readable_files"] and "/etc/passwd" in spec["readable_files"]
     assert "/usr" in spec["readable"] and not any(os.path.isfile(p) for p in spec["readable"])
+
+
+@pytest.mark.trio
+async def test_quick_steps_end_through_their_cgroup_without_walking_the_process_tree(plugins: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Their report and exit come together; the report is read first, so the cgroup is known joined."""
+    from liberty.jobs.supervisor import session
+
+    walks: list[int] = []
+    monkeypatch.setattr(session, "kill_tree", lambda pid, **_: walks.append(pid))
+    job = Job(name="j", steps=[Step(name="s", python="where:am_i")])
+    async with Supervisor(plugins=plugins, history=":memory:") as sup:
+        handles = [await sup.start(job) for _ in range(40)]
+        runs = [await h.wait() for h in handles]
+    assert all(r.status == "SUCCEEDED" for r in runs)
+    assert walks == []

@@ -74,6 +74,7 @@ StartChild = Callable[..., Awaitable[ChildHandle]]
 STARTUP_TIMEOUT = 60.0
 EXIT_AFTER_RESULT_TIMEOUT = 5.0
 OUTPUT_DRAIN_TIMEOUT = 2.0
+REPORT_DRAIN_TIMEOUT = 0.05  # after the exit, before the kill: what the pipes still hold is read first
 MAX_OUTPUT_LINE = 64 * 1024
 STDERR_TAIL_LINES = 20
 USAGE_INTERVAL = 1.0
@@ -836,6 +837,11 @@ class AttemptSession:
         finally:
             os.close(pidfd)
         self._sample_cpu(pid)
+        # Its pipes are usually at EOF by now: once the reader has taken what is left in them
+        # (the sandbox report among it, on a start that quick), the cgroup alone kills what
+        # the step left behind, and no process tree need be walked.
+        with trio.move_on_after(REPORT_DRAIN_TIMEOUT):
+            await self._protocol_eof.wait()
         # The step's process is gone; whatever it left behind would only hold its pipes open.
         self._kill(child)
         # Lines written just before exit may still sit in the pipe; a forked
