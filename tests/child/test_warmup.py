@@ -43,3 +43,19 @@ def test_the_warm_up_quickens_the_attempt_path_and_leaves_everything_else_as_it_
     assert before.pop("run_attempt") == "RESUME"  # never run: not quickened yet
     assert after.pop("run_attempt") == "RESUME_QUICK"
     assert after == before  # no descriptor, thread, path entry, hook, finder, module or event loop left behind
+
+
+def test_a_warm_up_that_fails_is_said_and_leaves_the_process_usable() -> None:
+    code = _STATE + textwrap.dedent("""
+        before = state()
+        warmup.rehearse = lambda spec: 1 / 0  # a walk that fails half-way
+        warmup.warm_up()
+        print(json.dumps([before, state()]))
+    """)
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "warm-up stopped (ZeroDivisionError" in out.stderr
+    before, after = json.loads(out.stdout)
+    before.pop("run_attempt"), after.pop("run_attempt")
+    assert after == before

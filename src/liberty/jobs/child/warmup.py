@@ -12,9 +12,11 @@ faults without, 1.5-1.6 ms and 490 with.
 Only what has no effect outside this process is walked: the zygote request's
 body parsed, the protocol over pipes of its own, the sandbox spec and a report
 (the Landlock ruleset built and closed, never enforced), an event loop, what a
-spare does while it waits, the import of the shipped stand-in module through the
-plugins loader (then forgotten), its step run on the loop, the result sent.  Nothing is sealed, no thread is started, every descriptor is
-closed, and `sys.path`, its hooks and caches and `sys.modules` are as before.
+spare does while it waits, the import of the shipped stand-in module through
+the plugins loader (then forgotten), its step run on the loop, the result
+sent.  Nothing is sealed, no thread is started, every descriptor is closed,
+and `sys.path`, its hooks and caches and `sys.modules` are as before.  A walk
+that fails ends the warm-up, said on stderr: attempts are then only slower.
 """
 
 from __future__ import annotations
@@ -52,11 +54,15 @@ def warm_up(rounds: int = WARM_UP_ROUNDS, *, read_request: Callable[[bytes], obj
         readable_files=[p for p in paths if os.path.isfile(p)],
     ).to_dict()
     body = json.dumps({"env": dict(os.environ), "cwd": "/"}).encode()
-    for _ in range(rounds):
-        if read_request is not None:
-            read_request(body)
-        _walk(spec)
-    asyncio.set_event_loop(None)
+    try:
+        for _ in range(rounds):
+            if read_request is not None:
+                read_request(body)
+            _walk(spec)
+    except Exception as exc:  # a slower zygote, not a broken one
+        print(f"nomaflow zygote: warm-up stopped ({type(exc).__name__}: {exc}); attempts start without it", file=sys.stderr)
+    finally:
+        asyncio.set_event_loop(None)
 
 
 def _walk(spec: dict[str, object]) -> None:

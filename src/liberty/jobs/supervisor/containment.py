@@ -162,6 +162,8 @@ class Containment:
         readable: tuple[str, ...],
         writable: tuple[str, ...],
     ) -> dict[str, Any]:
+        paths = self._readable(readable)
+        files = [p for p in paths if os.path.isfile(p)]  # Landlock opens these once each, not as a directory first
         return SandboxSpec(
             workdir="",
             cpu_seconds=cpu_seconds,
@@ -169,8 +171,8 @@ class Containment:
             max_file_mb=max_file_mb,
             max_processes=max_processes + THREAD_RESERVE if max_processes else None,
             network=network,
-            readable=[p for p in self._readable(readable) if not os.path.isfile(p)],
-            readable_files=[p for p in self._readable(readable) if os.path.isfile(p)],
+            readable=[p for p in paths if p not in files],
+            readable_files=files,
             writable=list(writable),
         ).to_dict()
 
