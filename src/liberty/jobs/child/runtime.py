@@ -15,7 +15,7 @@ from typing import Any
 from ..protocol import PROTOCOL_FDS_ENV, PROTOCOL_VERSION, Done, Failed, Prepare, Prepared, Ready, Start, decode_parent_message, encode
 from .channel import Channel, adopt_protocol_fds
 from .context import ChildContext
-from .loader import compile_ahead, install_plugins_path, rehearse_import, resolve_function
+from .loader import REHEARSAL_MODULE, compile_ahead, install_plugins_path, rehearse_import, resolve_function
 
 
 def main() -> None:
@@ -102,15 +102,15 @@ def rehearse_start(loop: asyncio.AbstractEventLoop, plugins: str) -> None:
     encoding a result), so that the pages they touch are copied from the zygote now, while
     the attempt waits, instead of after `start`."""
     rehearse_import(plugins)
-    decode_parent_message(encode(_REHEARSAL_START))
+    decode_parent_message(encode(REHEARSAL_START))
     loop.run_until_complete(asyncio.ensure_future(asyncio.sleep(0)))
     check_output({"rehearsal": 0.0}, 1024)
     encode(Done(output={"rehearsal": 0.0}))
 
 
-_REHEARSAL_START = Start(
+REHEARSAL_START = Start(  # the shipped stand-in's step, as a cold start would send it
     version=PROTOCOL_VERSION, run_id="rehearsal", job_id="rehearsal", step="rehearsal", attempt=1,
-    function="rehearsal:step", params={"rehearsal": 1}, previous_steps={"rehearsal": {"output": None}},
+    function=f"{REHEARSAL_MODULE}:step", params={"rehearsal": 1}, previous_steps={"rehearsal": {"output": None}},
 )
 
 

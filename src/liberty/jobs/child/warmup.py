@@ -28,31 +28,22 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from ..protocol import PROTOCOL_VERSION, Prepare, Start, encode
-from ..sandbox import SandboxSpec, default_readable, outermost, sandbox_problem
+from ..protocol import Prepare, encode
+from ..sandbox import SandboxSpec, default_readable, files_apart, outermost, sandbox_problem
 from ..sandbox.apply import rehearse
 from .channel import Channel
 from .loader import REHEARSAL_DIR, REHEARSAL_MODULE, compile_ahead, forget_compiled, install_plugins_path
-from .runtime import handshake, rehearse_start, run_attempt
+from .runtime import REHEARSAL_START, handshake, rehearse_start, run_attempt
 
 WARM_UP_ROUNDS = 12  # measured: 8 to 16 quicken it all; more only leaves more holes in the heap
-
-_START = Start(
-    version=PROTOCOL_VERSION, run_id="warm-up", job_id="warm-up", step="warm-up", attempt=1,
-    function=f"{REHEARSAL_MODULE}:step", params={"warm": 1}, previous_steps={"warm-up": {"output": None}},
-)
 
 
 def warm_up(rounds: int = WARM_UP_ROUNDS, *, read_request: Callable[[bytes], object] | None = None) -> None:
     """Walk the attempt's path `rounds` times (see the module's docstring); `read_request`
     reads a zygote request's body as the attempt does: this one asks for the environment
     the process already has."""
-    paths = outermost(default_readable(REHEARSAL_DIR))  # as the supervisor's spec has them
-    spec = SandboxSpec(
-        workdir=REHEARSAL_DIR,
-        readable=[p for p in paths if not os.path.isfile(p)],
-        readable_files=[p for p in paths if os.path.isfile(p)],
-    ).to_dict()
+    readable, files = files_apart(outermost(default_readable(REHEARSAL_DIR)))  # as the supervisor's spec has them
+    spec = SandboxSpec(workdir=REHEARSAL_DIR, readable=readable, readable_files=files).to_dict()
     body = json.dumps({"env": dict(os.environ), "cwd": "/"}).encode()
     try:
         for _ in range(rounds):
@@ -71,7 +62,7 @@ def _walk(spec: dict[str, object]) -> None:
     loop: asyncio.AbstractEventLoop | None = None
     try:
         # What the supervisor sends on a cold start, then the attempt's own steps.
-        os.write(w_in, encode(Prepare(plugins=REHEARSAL_DIR, sandbox=spec)) + encode(_START))
+        os.write(w_in, encode(Prepare(plugins=REHEARSAL_DIR, sandbox=spec)) + encode(REHEARSAL_START))
         channel = Channel(r_in, w_out)
         prepare = channel.receive()
         if not isinstance(prepare, Prepare):
@@ -82,7 +73,7 @@ def _walk(spec: dict[str, object]) -> None:
             loop = asyncio.new_event_loop()
             asyncio.set_event_loop(loop)
             rehearse_start(loop, prepare.plugins)  # what a spare does while it waits
-            compile_ahead(prepare.plugins, _START.function)
+            compile_ahead(prepare.plugins, REHEARSAL_START.function)
             channel.send(handshake(report))
             run_attempt(channel, channel.wait_start(), prepare.plugins, loop)
     finally:

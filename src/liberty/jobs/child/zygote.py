@@ -43,7 +43,8 @@ def main() -> None:
     # Made once here rather than in every attempt's first `set_event_loop` (a third of its cost);
     # it holds no loop and no descriptor, only the (empty) per-thread slot for one.
     asyncio.get_event_loop_policy()
-    # The attempt's path, quickened once here; the request read back is the zygote's own environment, so applying it changes nothing.
+    # The attempt's path, quickened once here; the request read back asks for the zygote's
+    # own environment, so applying it changes nothing.
     warm_up(read_request=lambda body: _replace_environ(_attempt_request(loads(body))[0]))
     runtime.install_stack_dump()
     # The zygote never execs: an empty bounding set costs it nothing and spares each attempt the drop.

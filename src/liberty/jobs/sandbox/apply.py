@@ -224,12 +224,7 @@ def apply(spec: SandboxSpec) -> AppliedReport:
     if spec.cgroups:
         # First: everything after, and every process the step starts, is counted and killable with it.
         _try(report, "cgroup", lambda: _enter_cgroups(spec))
-    threads = _thread_count()
-    report.add(
-        "single_thread",
-        threads == 1,
-        "one thread" if threads == 1 else f"{threads} threads: namespaces, no_new_privs and Landlock bind only this one",
-    )
+    _report_threads(report)
     if not spec.network:
         _try(report, "network", _isolate_network)
     _apply_rlimits(spec, report)
@@ -258,13 +253,27 @@ def rehearse(spec: SandboxSpec) -> dict[str, dict[str, Any]]:
     """`apply`'s work that changes nothing: the Landlock ruleset built and closed, never enforced,
     and a report of the same shape.  For the zygote's warm-up (`child/warmup.py`)."""
     report = AppliedReport()
-    threads = _thread_count()
-    report.add("single_thread", threads == 1, f"{threads} thread(s)")
+    _report_threads(report)
     ruleset = _landlock_ruleset(spec, report, deny_tcp=False) if spec.landlock else None
     if ruleset is not None:
         report.add("landlock", True, f"{len(ruleset.rules)} rules built, not enforced")
         ruleset.close()
     return report.to_dict()
+
+
+def _report_threads(report: AppliedReport) -> None:
+    threads = _thread_count()
+    report.add(
+        "single_thread",
+        threads == 1,
+        "one thread" if threads == 1 else f"{threads} threads: namespaces, no_new_privs and Landlock bind only this one",
+    )
+
+
+def files_apart(paths: list[str]) -> tuple[list[str], list[str]]:
+    """`paths` as a spec's `readable` and `readable_files`: Landlock opens a file once, not as a directory first."""
+    files = [p for p in paths if os.path.isfile(p)]
+    return [p for p in paths if p not in files], files
 
 
 def _try(report: AppliedReport, name: str, action: Callable[[], str]) -> bool:

@@ -23,7 +23,7 @@ import trio
 from .._sysfiles import read_small
 from ..config import Limits
 from ..errors import NomaflowError
-from ..sandbox import SandboxSpec, default_readable, outermost
+from ..sandbox import SandboxSpec, default_readable, files_apart, outermost
 from ..sandbox.prctl import set_dumpable
 from .cgroups import AttemptCgroup, CgroupManager
 from .processes import direct_children, stat_fields
@@ -162,8 +162,7 @@ class Containment:
         readable: tuple[str, ...],
         writable: tuple[str, ...],
     ) -> dict[str, Any]:
-        paths = self._readable(readable)
-        files = [p for p in paths if os.path.isfile(p)]  # Landlock opens these once each, not as a directory first
+        dirs, files = files_apart(list(self._readable(readable)))
         return SandboxSpec(
             workdir="",
             cpu_seconds=cpu_seconds,
@@ -171,7 +170,7 @@ class Containment:
             max_file_mb=max_file_mb,
             max_processes=max_processes + THREAD_RESERVE if max_processes else None,
             network=network,
-            readable=[p for p in paths if p not in files],
+            readable=dirs,
             readable_files=files,
             writable=list(writable),
         ).to_dict()
@@ -205,11 +204,18 @@ class Containment:
             return None
         return self.cgroups.create(_NAME.sub("_", name)[:120], memory_mb=limits.memory_mb, max_processes=self._max_processes(limits))
 
-    def cgroup_not_made(self, group: AttemptCgroup | None) -> None:
-        """An attempt reported that it could not make its planned cgroup (perhaps our parent
-        directory was removed under us): the next attempt's is made here, parents included."""
-        if group is not None and group.planned and self.cgroups is not None:
+    def joined(self, group: AttemptCgroup, report: dict[str, Any] | None) -> bool:
+        """Whether the child's sandbox report says it is in `group` (made by it, if planned).
+
+        A planned one it could not make (perhaps our parent directory was removed
+        under us) has the next attempt's made here, parents included.
+        """
+        measure = (report or {}).get("cgroup")
+        if isinstance(measure, dict) and measure.get("applied") is True:
+            return True
+        if group.planned and self.cgroups is not None:
             self.cgroups.parents_lost()
+        return False
 
     @staticmethod
     def _max_processes(limits: Limits) -> int | None:
@@ -242,8 +248,3 @@ def _names(cgroup_line: str, name: str) -> bool:
     """Whether a /proc/<pid>/cgroup line is cgroup `name` or beneath it."""
     return cgroup_line.rstrip().removesuffix(" (deleted)").endswith("/" + name) or f"/{name}/" in cgroup_line
 
-
-def joined_cgroup(report: dict[str, Any] | None) -> bool:
-    """Whether the child's sandbox report says it is in its cgroup (made by it, if planned)."""
-    measure = (report or {}).get("cgroup")
-    return isinstance(measure, dict) and measure.get("applied") is True

@@ -54,11 +54,11 @@ from ..protocol import (
     encode,
 )
 from ..protocol.codec import encode_reply, encode_rows_blob, split_log, split_logs
+from ..sandbox import sandbox_gaps, sandbox_problem
 from ..types import Reason, Status
 from .processes import kill_tree, signal_name, stat_fields, tree_pids
 from .cgroups import AttemptCgroup, CgroupError
-from ..sandbox import sandbox_gaps, sandbox_problem
-from .containment import Containment, joined_cgroup
+from .containment import Containment
 from .spawn import ChildHandle, child_environment, spawn_child
 from .warm import PreparedChild, prepared_problem, ready_problem
 
@@ -258,9 +258,8 @@ class AttemptSession:
         self._sandbox_report = report
         if report is None:
             return
-        self._joined = self._group is not None and joined_cgroup(report)
-        if self._group is not None and not self._joined and self._containment is not None:
-            self._containment.cgroup_not_made(self._group)
+        if self._group is not None and self._containment is not None:
+            self._joined = self._containment.joined(self._group, report)
         problem = sandbox_problem(report)
         if problem:
             self._refuse(Reason.SANDBOX, "SandboxError", f"the sandbox could not be applied, so the step was not run: {problem}")

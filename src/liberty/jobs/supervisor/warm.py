@@ -29,9 +29,9 @@ import trio
 from ..config import Limits
 from ..errors import ProtocolError
 from ..protocol import DEFAULT_MAX_LINE, PROTOCOL_VERSION, LineSplitter, Prepare, Prepared, Ready, decode_child_message, encode
-from .cgroups import AttemptCgroup, CgroupError
 from ..sandbox import sandbox_problem
-from .containment import Containment, joined_cgroup
+from .cgroups import AttemptCgroup, CgroupError
+from .containment import Containment
 from .processes import stat_fields
 from .spawn import ChildHandle, child_environment
 
@@ -112,8 +112,8 @@ async def prepare_child(
         if problem:
             raise PrepareError(f"bad handshake from the child: {problem}")
         problem = sandbox_problem(prepared.report) if prepared.report is not None else None
-        if spare.group is not None and not joined_cgroup(prepared.report):
-            containment.cgroup_not_made(spare.group)
+        if spare.group is not None:
+            containment.joined(spare.group, prepared.report)  # noted if it could not make its cgroup
         if problem:
             raise PrepareError(f"the sandbox could not be applied: {problem}")
         spare.report = prepared.report
