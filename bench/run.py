@@ -247,6 +247,45 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
+def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each target of the sections that ran: the figure, the bound, and whether it is met."""
+    rows: list[dict[str, Any]] = []
+
+    def add(name: str, value: float, bound: float, unit: str, at_least: bool) -> None:
+        met = value >= bound if at_least else value <= bound
+        rows.append({"target": name, "value": value, "bound": bound, "unit": unit, "at_least": at_least, "met": met})
+
+    if "throughput" in results:
+        t = results["throughput"]
+        add("throughput, 100 concurrent runs, vs the pool", t["ratio_concurrent_vs_pool"], t["target_ratio"], "x", True)
+        add("throughput, sequential runs, vs the pool", t["ratio_sequential_vs_pool"], t["target_ratio"], "x", True)
+    if "start_latency" in results:
+        t = results["start_latency"]
+        add("start latency p50 vs raw fork", t["ratio_p50_vs_raw_fork"], t["target_ratio_p50_vs_raw_fork"], "x", False)
+    if "log_throughput" in results:
+        t = results["log_throughput"]
+        add("log lines/s vs raw pipe", t["ratio_vs_raw_pipe"], t["target_ratio"], "x", True)
+    if "concurrency" in results:
+        t = results["concurrency"]
+        n = t["concurrent_idle_steps"]
+        add(f"supervisor RSS per idle step, {n} running", t["supervisor_rss_mib_per_idle_step"], t["target_rss_mib_per_step"], " MiB", False)
+        add(f"cancel with {n} running, slowest", t["cancel_one_max_ms"], t["target_cancel_ms"], " ms", False)
+    for name, section in results.get("connectors", {}).items():
+        add(f"connector {name.replace('_', ' ')} vs baseline", section["ratio"], section["target"], "x", False)
+    return rows
+
+
+def _print_section(name: str, values: dict[str, Any], indent: str = "  ") -> None:
+    print(f"{indent[:-2]}[{name}]")
+    for key, value in values.items():
+        if isinstance(value, dict):
+            _print_section(key, value, indent + "  ")
+            continue
+        if isinstance(value, list):
+            value = " ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in value)
+        print(f"{indent}{key:40s} {value:.3f}" if isinstance(value, float) else f"{indent}{key:40s} {value}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run)")
@@ -254,16 +293,24 @@ def main() -> None:
     parser.add_argument("--skip-connectors", action="store_true", help="skip the connector round-trip and stream section")
     parser.add_argument("--skip-isolation", action="store_true", help="skip the protections on/off comparison")
     parser.add_argument("--json", default=str(HERE / "results.json"), help="where to write the results")
+    parser.add_argument("--check", action="store_true", help="exit with status 1 if any target is missed")
     args = parser.parse_args()
     results = trio.run(_bench, args)
+    results["targets"] = targets(results)
     for section, values in results.items():
-        print(f"[{section}]")
-        for key, value in values.items():
-            if isinstance(value, list):
-                value = " ".join(f"{v:.3f}" for v in value)
-            print(f"  {key:40s} {value:.3f}" if isinstance(value, float) else f"  {key:40s} {value}")
+        if section != "targets":
+            _print_section(section, values)
+    print("[targets]")
+    for row in results["targets"]:
+        bound = f"{'>=' if row['at_least'] else '<='} {row['bound']:g}{row['unit']}"
+        print(f"  {row['target']:48s} {row['value']:8.3f}{row['unit']:4s} {bound:12s} {'met' if row['met'] else 'MISSED'}")
     Path(args.json).write_text(json.dumps(results, indent=2))
     print(f"results written to {args.json}")
+    missed = [row["target"] for row in results["targets"] if not row["met"]]
+    if missed:
+        print(f"{len(missed)} of {len(results['targets'])} targets missed on this machine: {'; '.join(missed)}")
+        if args.check:
+            sys.exit(1)
 
 
 if __name__ == "__main__":
