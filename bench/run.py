@@ -127,6 +127,7 @@ async def throughput_rounds(sup: Supervisor, *, m: int, rounds: int) -> dict[str
     conc_ratios = [c / p for c, p in zip(conc, pool)]
     return {
         "rounds": rounds,
+        "runs_per_round": m,
         "runner_sequential_steps_per_s": statistics.median(seq),
         "runner_concurrent_steps_per_s": statistics.median(conc),
         "forkserver_pool_tasks_per_s": statistics.median(pool),
@@ -251,13 +252,14 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     """Each target of the sections that ran: the figure, the bound, and whether it is met."""
     rows: list[dict[str, Any]] = []
 
-    def add(name: str, value: float, bound: float, unit: str, at_least: bool) -> None:
-        met = value >= bound if at_least else value <= bound
+    def add(name: str, value: float, bound: float, unit: str, at_least: bool, met: bool | None = None) -> None:
+        if met is None:
+            met = value >= bound if at_least else value <= bound
         rows.append({"target": name, "value": value, "bound": bound, "unit": unit, "at_least": at_least, "met": met})
 
     if "throughput" in results:
         t = results["throughput"]
-        add("throughput, 100 concurrent runs, vs the pool", t["ratio_concurrent_vs_pool"], t["target_ratio"], "x", True)
+        add(f"throughput, {t['runs_per_round']} concurrent runs, vs the pool", t["ratio_concurrent_vs_pool"], t["target_ratio"], "x", True)
         add("throughput, sequential runs, vs the pool", t["ratio_sequential_vs_pool"], t["target_ratio"], "x", True)
     if "start_latency" in results:
         t = results["start_latency"]
@@ -270,8 +272,8 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         n = t["concurrent_idle_steps"]
         add(f"supervisor RSS per idle step, {n} running", t["supervisor_rss_mib_per_idle_step"], t["target_rss_mib_per_step"], " MiB", False)
         add(f"cancel with {n} running, slowest", t["cancel_one_max_ms"], t["target_cancel_ms"], " ms", False)
-    for name, section in results.get("connectors", {}).items():
-        add(f"connector {name.replace('_', ' ')} vs baseline", section["ratio"], section["target"], "x", False)
+    for name, section in results.get("connectors", {}).items():  # judged there, on the unrounded ratio
+        add(f"connector {name.replace('_', ' ')} vs baseline", section["ratio"], section["target"], "x", False, section["met"])
     return rows
 
 

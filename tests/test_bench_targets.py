@@ -13,7 +13,7 @@ def _results(**overrides: float) -> dict:
     figures = {"conc": 2.1, "seq": 1.5, "latency": 1.6, "log": 0.9, "rss": 0.04, "cancel": 61.0}
     figures.update(overrides)
     return {
-        "throughput": {"ratio_concurrent_vs_pool": figures["conc"], "ratio_sequential_vs_pool": figures["seq"], "target_ratio": 2.0},
+        "throughput": {"runs_per_round": 100, "ratio_concurrent_vs_pool": figures["conc"], "ratio_sequential_vs_pool": figures["seq"], "target_ratio": 2.0},
         "start_latency": {"ratio_p50_vs_raw_fork": figures["latency"], "target_ratio_p50_vs_raw_fork": 3.0},
         "log_throughput": {"ratio_vs_raw_pipe": figures["log"], "target_ratio": 0.5},
         "concurrency": {
@@ -53,8 +53,23 @@ def test_a_figure_exactly_on_its_bound_meets_it():
 def test_only_the_sections_that_ran_are_judged():
     results = _results()
     del results["concurrency"]
-    results["connectors"] = {"round_trip": {"ratio": 1.1, "target": 2.0}, "stream": {"ratio": 3.4, "target": 3.0}}
+    results["connectors"] = {
+        "round_trip": {"ratio": 1.1, "target": 2.0, "met": True},
+        "stream": {"ratio": 3.4, "target": 3.0, "met": False},
+    }
     verdicts = _verdicts(results)
     assert not any("running" in name for name in verdicts)
     assert verdicts["connector round trip vs baseline"] is True
     assert verdicts["connector stream vs baseline"] is False
+
+
+def test_a_connector_section_keeps_its_own_verdict_on_the_unrounded_ratio():
+    results = _results()
+    results["connectors"] = {"round_trip": {"ratio": 2.0, "target": 2.0, "met": False}}  # 2.004 rounded to 2.0
+    assert _verdicts(results)["connector round trip vs baseline"] is False
+
+
+def test_the_concurrent_target_names_the_runs_it_measured():
+    results = _results()
+    results["throughput"]["runs_per_round"] = 20
+    assert "throughput, 20 concurrent runs, vs the pool" in _verdicts(results)
