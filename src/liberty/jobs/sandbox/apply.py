@@ -417,20 +417,20 @@ def sandbox_problem(report: dict[str, Any]) -> str | None:
 
     Judged twice: by the child itself, which then does not run the step, and by the supervisor.
     """
-    failed = [
-        f"{name}: {m.get('detail', '')}"
-        for name, m in report.items()
-        if isinstance(m, dict) and not m.get("applied") and name not in _TOLERATED
-    ]
+    failed = [f"{name}: {detail}" for name, detail in _unapplied(report) if name not in _TOLERATED]
     return "; ".join(failed) or None
 
 
 def sandbox_gaps(report: dict[str, Any], *, pids_capped: bool) -> str:
     """The tolerated measures that did not apply, worth a line in the run log ('' if none matters)."""
     gaps = [
-        f"{name} not applied ({m.get('detail', '')})"
-        for name, m in report.items()
-        if isinstance(m, dict) and not m.get("applied") and name in _TOLERATED
-        and not (name == "rlimit_nproc" and pids_capped)  # the cgroup's pids.max holds the limit instead
+        f"{name} not applied ({detail})"
+        for name, detail in _unapplied(report)
+        if name in _TOLERATED and not (name == "rlimit_nproc" and pids_capped)  # the cgroup's pids.max holds it instead
     ]
     return "; ".join(gaps)
+
+
+def _unapplied(report: dict[str, Any]) -> list[tuple[str, str]]:
+    """(name, detail) of each measure a sandbox report says did not apply."""
+    return [(name, m.get("detail", "")) for name, m in report.items() if isinstance(m, dict) and not m.get("applied")]

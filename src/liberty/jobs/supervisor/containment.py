@@ -189,7 +189,7 @@ class Containment:
         if self.cgroups is None or not self.cgroups.enabled:
             return None
         if self.cgroups.ready:
-            return self.cgroups.plan(_NAME.sub("_", name)[:120], memory_mb=limits.memory_mb, max_processes=self._max_processes(limits))
+            return self.cgroups.plan(_cgroup_name(name), memory_mb=limits.memory_mb, max_processes=self._max_processes(limits))
         return await trio.to_thread.run_sync(self.contain, name, limits)
 
     def contain(self, name: str, limits: Limits) -> AttemptCgroup | None:
@@ -202,7 +202,7 @@ class Containment:
         """
         if self.cgroups is None or not self.cgroups.enabled:
             return None
-        return self.cgroups.create(_NAME.sub("_", name)[:120], memory_mb=limits.memory_mb, max_processes=self._max_processes(limits))
+        return self.cgroups.create(_cgroup_name(name), memory_mb=limits.memory_mb, max_processes=self._max_processes(limits))
 
     def joined(self, group: AttemptCgroup, report: dict[str, Any] | None) -> bool:
         """Whether the child's sandbox report says it is in `group` (made by it, if planned).
@@ -220,6 +220,11 @@ class Containment:
     @staticmethod
     def _max_processes(limits: Limits) -> int | None:
         return limits.max_processes + THREAD_RESERVE if limits.max_processes else None
+
+
+def _cgroup_name(name: str) -> str:
+    """An attempt's name as its cgroup's: only the characters a cgroup name may have, 120 at most."""
+    return _NAME.sub("_", name)[:120]
 
 
 def reap_zombies_from(*cgroup_names: str) -> int:

@@ -286,8 +286,7 @@ class Supervisor:
             )
 
         handle = RunHandle(run_id, job, supervisor=self)
-        inline = len(job.steps) <= MAX_STEPS_INLINE
-        if inline and self._write_now(create) is not NOT_NOW:
+        if _inline(job) and self._write_now(create) is not NOT_NOW:
             handle._recorded.set()
             self._launch(handle, params, user)
             return handle
@@ -336,7 +335,7 @@ class Supervisor:
         the store can take it at once and the run is small, since a hop to a worker thread costs
         more than a run's few rows; otherwise each in its own on a worker thread, as ever."""
         work = _in_order(writes)
-        if len(handle.job.steps) <= MAX_STEPS_INLINE:
+        if _inline(handle.job):
             result = self._write_now(work)
             if result is not NOT_NOW:
                 return result
@@ -594,6 +593,11 @@ class Supervisor:
         await self._sink.put(
             LogLine(run_id=run_id, ts=time.time(), level=level, stream="system", message=message, step=step, attempt=attempt)
         )
+
+
+def _inline(job: Job) -> bool:
+    """Whether a run's history writes may go on the event loop: its rows are few."""
+    return len(job.steps) <= MAX_STEPS_INLINE
 
 
 def _in_order(writes: tuple[Callable[[], Any] | None, ...]) -> Callable[[], Any]:

@@ -279,10 +279,8 @@ class AttemptSession:
             # Cold: `prepare` and `start` go out together, without waiting for `ready` (the
             # pipe holds them).  The child runs no plugin code in a sandbox its own report
             # calls broken, and the report is judged here again when it comes.
-            try:
-                start = encode(self._start, max_line=self._max_line)
-            except ProtocolError as exc:
-                self._refuse(Reason.EXCEPTION, "InvalidParams", f"the step's start message cannot be sent: {exc}")
+            start = self._start_line()
+            if start is None:
                 return
             self._start_sent = True
             await self._send_bytes(encode(self._prepare_msg, max_line=self._max_line) + start)
@@ -320,12 +318,19 @@ class AttemptSession:
 
     async def _send_start(self) -> bool:
         self._start_sent = True
+        start = self._start_line()
+        if start is None:
+            return False
+        await self._send_bytes(start)
+        return True
+
+    def _start_line(self) -> bytes | None:
+        """`start`, encoded; None, the attempt refused, if its params cannot be."""
         try:
-            await self._send(self._start)
+            return encode(self._start, max_line=self._max_line)
         except ProtocolError as exc:
             self._refuse(Reason.EXCEPTION, "InvalidParams", f"the step's start message cannot be sent: {exc}")
-            return False
-        return True
+            return None
 
     async def _escalate(self, kind: str) -> None:
         self._stop = kind
