@@ -26,6 +26,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 PLUGINS = HERE / "plugins"
 
+from cpu_meter import busy_seconds, cpu_bound_ceiling, cpu_ms_per_item  # noqa: E402  (bench/ is on the path above)
+
 
 def _pct(values: list[float], q: float) -> float:
     values = sorted(values)
@@ -56,10 +58,12 @@ def baseline_raw_fork(n: int) -> list[float]:
     return json.loads(out.stdout)
 
 
-def baseline_forkserver_pool(n: int) -> float:
-    """Tasks/s of a fresh-process-per-task forkserver pool, in a lean process of its own."""
+def baseline_forkserver_pool(n: int) -> tuple[float, float | None]:
+    """Tasks/s of a fresh-process-per-task forkserver pool, in a lean process of its own, and the
+    machine's CPU ms per task meanwhile."""
     out = subprocess.run([sys.executable, str(HERE / "pool_task.py"), str(n)], capture_output=True, text=True, check=True)
-    return float(out.stdout)
+    measured = json.loads(out.stdout)
+    return measured["tasks_per_s"], measured["cpu_ms_per_task"]
 
 
 def baseline_pipe_lines(n: int) -> float:
@@ -96,36 +100,49 @@ async def runner_start_latency(sup: Supervisor, n: int) -> list[float]:
     return out
 
 
-async def runner_throughput_sequential(sup: Supervisor, n: int) -> float:
+async def runner_throughput_sequential(sup: Supervisor, n: int) -> tuple[float, float | None]:
+    """Runs/s one after another, and the machine's CPU ms per run meanwhile."""
     job = _job("trivial")
+    cpu0 = busy_seconds()
     t0 = time.perf_counter()
     for _ in range(n):
         run = await sup.run(job)
         assert run.status == "SUCCEEDED", run
-    return n / (time.perf_counter() - t0)
+    rate = n / (time.perf_counter() - t0)
+    return rate, cpu_ms_per_item(cpu0, busy_seconds(), n)
 
 
-async def runner_throughput_concurrent(sup: Supervisor, n: int) -> float:
+async def runner_throughput_concurrent(sup: Supervisor, n: int) -> tuple[float, float | None]:
+    """Runs/s with `n` started at once, and the machine's CPU ms per run meanwhile."""
     job = _job("trivial")
+    cpu0 = busy_seconds()
     t0 = time.perf_counter()
     handles = [await sup.start(job) for _ in range(n)]
     for h in handles:
         run = await h.wait()
         assert run.status == "SUCCEEDED", run
-    return n / (time.perf_counter() - t0)
+    rate = n / (time.perf_counter() - t0)
+    return rate, cpu_ms_per_item(cpu0, busy_seconds(), n)
 
 
 async def throughput_rounds(sup: Supervisor, *, m: int, rounds: int) -> dict[str, Any]:
     """Runner and pool measured in turn, `rounds` times: each ratio is taken within one round,
     seconds apart, so a change in the machine's load between the two moves both; the median round is reported."""
     seq, conc, pool = [], [], []
+    seq_cpu, conc_cpu, pool_cpu = [], [], []
     for _ in range(rounds):
-        pool.append(baseline_forkserver_pool(m))
-        seq.append(await runner_throughput_sequential(sup, m))
-        conc.append(await runner_throughput_concurrent(sup, m))
+        rate, cpu = baseline_forkserver_pool(m)
+        pool.append(rate)
+        pool_cpu.append(cpu)
+        rate, cpu = await runner_throughput_sequential(sup, m)
+        seq.append(rate)
+        seq_cpu.append(cpu)
+        rate, cpu = await runner_throughput_concurrent(sup, m)
+        conc.append(rate)
+        conc_cpu.append(cpu)
     seq_ratios = [s / p for s, p in zip(seq, pool)]
     conc_ratios = [c / p for c, p in zip(conc, pool)]
-    return {
+    results: dict[str, Any] = {
         "rounds": rounds,
         "runs_per_round": m,
         "runner_sequential_steps_per_s": statistics.median(seq),
@@ -137,6 +154,28 @@ async def throughput_rounds(sup: Supervisor, *, m: int, rounds: int) -> dict[str
         "ratio_concurrent_vs_pool_each_round": conc_ratios,
         "target_ratio": 2.0,
     }
+    results.update(cpu_cost(seq_cpu, conc_cpu, pool_cpu, pool))
+    return results
+
+
+def cpu_cost(seq: list[float | None], conc: list[float | None], pool: list[float | None], pool_rates: list[float]) -> dict[str, Any]:
+    """Machine CPU per step or task, medians over the rounds, and what it allows: the ratio to the pool
+    that sequential runs could reach with every CPU busy (taken within each round, like the ratios)."""
+    seq_ms, conc_ms, pool_ms = _measured(seq), _measured(conc), _measured(pool)
+    if seq_ms is None or conc_ms is None or pool_ms is None:
+        return {"cpu_per_step": "not measured: /proc/stat cannot be read here"}
+    cpus = os.cpu_count() or 1
+    return {
+        "cpu_ms_per_step_sequential": statistics.median(seq_ms),
+        "cpu_ms_per_step_concurrent": statistics.median(conc_ms),
+        "cpu_ms_per_pool_task": statistics.median(pool_ms),
+        "sequential_ceiling_vs_pool": statistics.median([cpu_bound_ceiling(cpus, s, p) for s, p in zip(seq_ms, pool_rates)]),
+    }
+
+
+def _measured(values: list[float | None]) -> list[float] | None:
+    known = [v for v in values if v is not None]
+    return known if len(known) == len(values) else None
 
 
 async def runner_log_throughput(sup: Supervisor, lines: int) -> float:
