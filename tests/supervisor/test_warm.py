@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from liberty.jobs import Job, Limits, Step, Supervisor
 from liberty.jobs.errors import ConfigError
 from liberty.jobs.supervisor.containment import Containment
-from liberty.jobs.supervisor.warm import SparePool, prepare_child
+from liberty.jobs.supervisor.warm import SparePool, dispose, prepare_child
 from liberty.jobs.supervisor.workdirs import Workdirs
 
 from supervisor_helpers import gone, plugins_dir
@@ -75,6 +76,19 @@ async def test_the_next_run_starts_in_the_spare_prepared_ahead(plugins: Path) ->
         hits = pool(sup).hits
         assert output(await sup.run(job()))["pid"] == spare
         assert pool(sup).hits == hits + 1
+
+
+async def test_a_claimed_spare_is_replaced_at_once_even_while_another_still_waits(plugins: Path) -> None:
+    async with Supervisor(plugins=plugins, history=":memory:", spares=2) as sup:
+        output(await sup.run(job()))
+        await waiting_spares(sup, 2)
+        claimed = await pool(sup).claim(Limits(), "probes:whoami")
+        assert claimed is not None
+        try:
+            await trio.testing.wait_all_tasks_blocked()  # the filler included: no timer stands in its way
+            assert sum(pool(sup)._preparing.values()) == 1
+        finally:
+            await dispose(claimed, sup.containment)
 
 
 async def test_a_waiting_spare_is_already_contained_and_sealed(plugins: Path) -> None:

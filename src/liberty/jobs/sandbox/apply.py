@@ -381,7 +381,7 @@ def _landlock_ruleset(spec: SandboxSpec, report: AppliedReport, *, deny_tcp: boo
         for path in [spec.workdir, *spec.writable]:
             ruleset.allow(path, landlock.READ_WRITE)
         for path in DEVICES:
-            ruleset.allow(path, landlock.DEVICE_RW)
+            ruleset.allow(path, landlock.DEVICE_RW, directory=False)
         ruleset.allow(f"/proc/{os.getpid()}", landlock.READ_ONLY)  # what /proc/self resolves to
         if not any(p == spec.workdir for p, _ in ruleset.rules):
             raise OSError(f"work directory {spec.workdir!r} cannot be opened; refusing a sandbox without it")

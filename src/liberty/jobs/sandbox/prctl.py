@@ -75,6 +75,9 @@ class _CapData(ctypes.Structure):
     _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
 
 
+_CapDataPair = _CapData * 2  # a new class the first time: made here, at import, not in every attempt
+
+
 def drop_capabilities() -> int:
     """Drop every capability for good, staying at the current uid; return the bounding set left.
 
@@ -91,7 +94,7 @@ def drop_capabilities() -> int:
     except OSError:
         pass
     header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
-    data = (_CapData * 2)()
+    data = _CapDataPair()
     if _libc.capset(ctypes.byref(header), data) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"capset: {os.strerror(err)}")
@@ -128,7 +131,7 @@ _bounding_empty = False
 def held_capabilities() -> int:
     """The effective set, from capget(2): cheaper than reading /proc/self/status."""
     header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
-    data = (_CapData * 2)()
+    data = _CapDataPair()
     if _libc.capget(ctypes.byref(header), data) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"capget: {os.strerror(err)}")

@@ -40,7 +40,6 @@ _log = logging.getLogger(__name__)
 PREPARE_TIMEOUT = 30.0
 MAX_FAILURES = 3
 CLAIM_WAIT = 0.25  # a start waits this long at most for the spare being prepared
-REFILL_DELAY = 0.005  # a fork and a sandbox seal competing with a step's start would slow it down
 
 StartChild = Callable[..., Awaitable[ChildHandle]]
 
@@ -225,9 +224,9 @@ class SparePool:
                 while True:
                     await self._wake.wait()
                     self._wake = trio.Event()
-                    if self._want is not None and self._ready.get(self._want):
-                        # Not urgent (a spare still waits): the step just started gets the CPU first.
-                        await trio.sleep(REFILL_DELAY)
+                    # At once, even with a spare still waiting: deferring the refill (5 ms, so as not
+                    # to compete with the step just started) left back-to-back starts finding no
+                    # spare at all, and measured 6% fewer runs/s than refilling right away.
                     key = self._want
                     while key is not None and self._wanted(key):  # up to `size` prepared at once
                         self._preparing[key] += 1
