@@ -56,10 +56,6 @@ _SCAN = json.scanner.make_scanner(_DECODER)  # its C scanner, without the wrappe
 def loads(line: bytes) -> Any:
     """One JSON value, read as every protocol line is (same scanner; `ProtocolError` if it is not
     JSON).  The zygote's request body uses it too: a forked attempt then touches one JSON reader."""
-    return _loads(line)
-
-
-def _loads(line: bytes) -> Any:
     try:
         text = line.decode("utf-8")
         try:
@@ -77,7 +73,7 @@ def _loads(line: bytes) -> Any:
 
 
 def _structure(line: bytes, union: Any, direction: str) -> Any:
-    return _structure_obj(_loads(line), direction)
+    return _structure_obj(loads(line), direction)
 
 
 def _structure_obj(obj: Any, direction: str) -> Any:
@@ -96,7 +92,7 @@ def _structure_obj(obj: Any, direction: str) -> Any:
 
 def decode_child_message(line: bytes) -> ChildMessage:
     """Parse one line a child sent; the parent's only entry point for child bytes."""
-    obj = _loads(line)
+    obj = loads(line)
     log = _as_log(obj)
     if log is not None:
         return Log(level=log[0], message=log[1])  # type: ignore[arg-type]

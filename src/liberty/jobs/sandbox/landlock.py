@@ -155,11 +155,13 @@ class Ruleset:
         """
         rights &= self.handled_fs
         try:
-            try:
-                if not directory:
-                    raise NotADirectoryError(path)
-                fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-            except NotADirectoryError:
+            fd = -1
+            if directory:
+                try:
+                    fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+                except NotADirectoryError:
+                    pass  # a file after all: opened as one below
+            if fd < 0:
                 fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
                 rights &= _FILE_ONLY_RIGHTS
         except OSError as exc:
