@@ -252,6 +252,33 @@ def test_remove_deletes_every_directory_and_is_idempotent(manager: CgroupManager
         manager.release(group)
 
 
+def test_remove_now_refuses_a_cgroup_with_a_process_in_it_and_changes_nothing(manager: CgroupManager) -> None:
+    group = manager.create("busy")
+    assert group is not None
+    proc = subprocess.Popen(["sleep", "30"])
+    try:
+        group.add(proc.pid)
+        assert not group.remove_now()
+        assert all(d.exists() for d in group.dirs.values()) and proc.poll() is None
+    finally:
+        assert manager.release(group)
+        _reap(proc)  # type: ignore[arg-type]
+
+
+def test_remove_now_deletes_a_cgroup_whose_processes_have_exited(manager: CgroupManager) -> None:
+    group = manager.create("done")
+    assert group is not None
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        group.add(proc.pid)
+        assert proc.wait(timeout=30) == 0
+        assert manager.release_now(group)
+        assert not [d for d in group.dirs.values() if d.exists()]
+        assert group.remove()  # and `remove` after it has nothing left to do
+    finally:
+        _reap(proc)  # type: ignore[arg-type]
+
+
 _DYING_SUPERVISOR = f"""
 import json, subprocess, sys, time
 sys.path.insert(0, {SRC!r})

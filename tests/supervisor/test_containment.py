@@ -91,18 +91,51 @@ async def test_a_later_attempt_works_in_an_earlier_ones_pristine_dir_under_a_new
 
 
 @pytest.mark.trio
-async def test_what_the_janitor_did_not_reach_is_cleaned_up_on_close(plugins: Path, tmp_path: Path) -> None:
+async def test_an_attempt_that_left_nothing_behind_is_cleaned_up_at_once(plugins: Path) -> None:
+    containment = Containment(plugins=plugins)
+    await containment.open()
+    try:
+        group = await trio.to_thread.run_sync(containment.contain, "at-once", Limits())
+        assert group is not None
+        workdir = containment.workdirs.take()
+        done = containment.discard(group, workdir)  # no janitor running: nothing waits for it
+        assert done.is_set()
+        assert not any(d.exists() for d in group.dirs.values()) and not os.path.lexists(workdir)
+        assert containment.workdirs.take() != workdir  # kept for reuse under a new name
+    finally:
+        await containment.close()
+
+
+@pytest.mark.trio
+async def test_a_work_directory_with_files_in_it_is_removed_by_the_janitor(plugins: Path) -> None:
+    containment = Containment(plugins=plugins)
+    await containment.open()
+    group = await trio.to_thread.run_sync(containment.contain, "files-left", Limits())
+    assert group is not None
+    workdir = containment.workdirs.take()
+    Path(workdir, "output.csv").write_text("a,b\n")
+    done = containment.discard(group, workdir)  # no janitor running
+    assert not done.is_set() and Path(workdir, "output.csv").exists()
+    assert not any(d.exists() for d in group.dirs.values())  # empty: removed at once all the same
+    await containment.close()
+    assert done.is_set() and not os.path.lexists(workdir)
+
+
+@pytest.mark.trio
+async def test_what_the_janitor_did_not_reach_is_cleaned_up_on_close(plugins: Path) -> None:
     containment = Containment(plugins=plugins)
     await containment.open()
     group = await trio.to_thread.run_sync(containment.contain, "janitor-test", Limits())
     assert group is not None
-    workdir = tmp_path / "work"
-    workdir.mkdir()
-    done = containment.discard(group, str(workdir))  # no janitor running
+    left_behind = await trio.lowlevel.open_process(["sleep", "60"])  # a process the attempt left in its cgroup
+    group.add(left_behind.pid)
+    workdir = containment.workdirs.take()
+    done = containment.discard(group, workdir)  # no janitor running
     assert not done.is_set() and all(d.exists() for d in group.dirs.values())
     await containment.close()
     assert done.is_set()
-    assert not workdir.exists() and not any(d.exists() for d in group.dirs.values())
+    assert not os.path.lexists(workdir) and not any(d.exists() for d in group.dirs.values())
+    assert await left_behind.wait() == -9  # killed with the cgroup
 
 
 @pytest.mark.trio

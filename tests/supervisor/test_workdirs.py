@@ -72,6 +72,14 @@ def test_a_directory_the_attempt_changed_is_removed_not_reused(workdirs: Workdir
     assert os.listdir(workdirs.parent) == []
 
 
+def test_reuse_keeps_a_pristine_directory_and_leaves_any_other_where_it_is(workdirs: Workdirs) -> None:
+    pristine, used = workdirs.take(), workdirs.take()
+    Path(used, "left.txt").write_text("from the last attempt")
+    assert workdirs.reuse(pristine) and not os.path.lexists(pristine)
+    assert not workdirs.reuse(used) and Path(used, "left.txt").exists()
+    assert workdirs.take() not in (pristine, used)
+
+
 def test_no_more_than_keep_directories_are_kept(tmp_path: Path) -> None:
     workdirs = Workdirs(str(tmp_path), keep=2)
     taken = [workdirs.take() for _ in range(3)]

@@ -472,6 +472,31 @@ class AttemptCgroup:
             "cpu_seconds": self.cpu_seconds(),
         }
 
+    def remove_now(self) -> bool:
+        """Delete every directory at once if no process is left in the cgroup: no kill, no wait, no
+        retry, so it may run on the event loop.  False if any directory is left (`remove` finishes).
+
+        The kernel refuses to remove a cgroup that holds a process, so a directory
+        removed here was empty; the one that tells "populated" goes last.
+        """
+        if self.removed:
+            return not self.leftover
+        kill_dir = self._kill_dir
+        if kill_dir is not None and not _unpopulated(kill_dir):
+            return False
+        if not self._remove_lock.acquire(blocking=False):
+            return False  # `remove` is at work on a thread
+        try:
+            if not self.removed:
+                for directory in sorted(self.dirs.values(), key=lambda d: d == kill_dir):
+                    if not _rmdir_quiet(directory):
+                        return False
+                self.leftover = []
+                self.removed = True
+        finally:
+            self._remove_lock.release()
+        return not self.leftover
+
     def remove(self, timeout: float = 5.0) -> bool:
         """Kill, wait for the cgroup to empty, delete every directory; idempotent.  False if any is left."""
         with self._remove_lock:
@@ -683,9 +708,19 @@ class CgroupManager:
     def release(self, group: AttemptCgroup, timeout: float = 5.0) -> bool:
         """`group.remove()` and forget it."""
         ok = group.remove(timeout)
+        self._forget(group)
+        return ok
+
+    def release_now(self, group: AttemptCgroup) -> bool:
+        """`group.remove_now()`, forgetting it if it is gone; False leaves it for `release`."""
+        if not group.remove_now():
+            return False
+        self._forget(group)
+        return True
+
+    def _forget(self, group: AttemptCgroup) -> None:
         with self._lock:
             self._attempts.pop(group.name, None)
-        return ok
 
     def close(self, timeout: float = 5.0) -> bool:
         """Remove every attempt cgroup still held, then this supervisor's own directories."""

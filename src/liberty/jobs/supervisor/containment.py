@@ -80,16 +80,35 @@ class Containment:
                 await trio.to_thread.run_sync(self.cgroups.close)
 
     def discard(self, group: AttemptCgroup | None, workdir: str | None) -> trio.Event:
-        """Leave an ended attempt's cgroup (killed, emptied, removed) and work directory to the janitor.
+        """Remove an ended attempt's cgroup (killed, emptied) and work directory; the returned
+        event is set once they are gone.
 
-        The returned event is set once they are gone.  Its owner may do other
-        work meanwhile (the run's history write) and wait for it after; `close()`
-        still finishes everything left before the supervisor stops.
+        The usual end (its processes gone, its work directory as it was made) is
+        cleaned up here, at once: a few system calls.  Whatever might have to wait
+        (a process still in the cgroup, files to delete, no cgroup to prove that no
+        process is left) goes to the janitor's thread; the owner may do other work
+        meanwhile (the run's history write) and wait for the event after, and
+        `close()` still finishes everything left before the supervisor stops.
         """
         done = trio.Event()
+        if group is not None and workdir is not None and self._clean_now(group, workdir):
+            done.set()
+            return done
         self._leftovers.append((group, workdir, done))
         self._leftovers_wake.set()
         return done
+
+    def _clean_now(self, group: AttemptCgroup, workdir: str) -> bool:
+        """`_clean` for an attempt that left nothing behind, without waiting; False changes
+        nothing that `_clean` would not redo.  A hop to the janitor's thread measured about a
+        millisecond of wake-ups and GIL hand-offs on every run, for a quarter of that in work."""
+        if self.cgroups is None or not self.cgroups.release_now(group):
+            return False
+        if not self.workdirs.reuse(workdir):
+            return False  # the cgroup is gone, so the janitor removes the directory knowing nobody writes in it
+        if _zombie_children():
+            reap_zombies_from(f"att-{group.name}")
+        return True
 
     async def run_janitor(self) -> None:
         """Cleans up ended attempts, all that piled up in one worker-thread hop; runs until cancelled."""
@@ -225,6 +244,14 @@ class Containment:
 def _cgroup_name(name: str) -> str:
     """An attempt's name as its cgroup's: only the characters a cgroup name may have, 120 at most."""
     return _NAME.sub("_", name)[:120]
+
+
+def _zombie_children() -> bool:
+    """Whether any child of ours has exited and waits to be reaped (none is reaped here)."""
+    try:
+        return os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return False
 
 
 def reap_zombies_from(*cgroup_names: str) -> int:

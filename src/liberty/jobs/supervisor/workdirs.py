@@ -34,7 +34,7 @@ _OWN = "nomaflow-"
 
 
 class Workdirs:
-    """`take()` on the supervisor's thread, `give_back()` on the janitor's: deque ends are thread-safe."""
+    """`take()` and `reuse()` on the supervisor's thread, `give_back()` on the janitor's: deque ends are thread-safe."""
 
     def __init__(self, root: str | None = None, keep: int = KEEP) -> None:
         self.root = root or tempfile.gettempdir()
@@ -56,16 +56,23 @@ class Workdirs:
 
     def give_back(self, path: str) -> None:
         """An ended attempt's directory: gone from its path either way; kept, renamed, if pristine."""
-        if self.parent is not None and len(self._free) < self.keep and _pristine(path):
-            fresh = os.path.join(self.parent, PREFIX + secrets.token_hex(6))
-            try:
-                if not os.path.lexists(fresh):  # rename() would replace an empty directory there
-                    os.rename(path, fresh)
-                    self._free.append(fresh)
-                    return
-            except OSError:
-                pass
-        shutil.rmtree(path, ignore_errors=True)
+        if not self.reuse(path):
+            shutil.rmtree(path, ignore_errors=True)
+
+    def reuse(self, path: str) -> bool:
+        """Keep an ended attempt's directory for a later one, renamed, if it is pristine and there
+        is room; False leaves it where it is (for `give_back` to remove).  A few system calls."""
+        if self.parent is None or len(self._free) >= self.keep or not _pristine(path):
+            return False
+        fresh = os.path.join(self.parent, PREFIX + secrets.token_hex(6))
+        try:
+            if os.path.lexists(fresh):  # rename() would replace an empty directory there
+                return False
+            os.rename(path, fresh)
+        except OSError:
+            return False
+        self._free.append(fresh)
+        return True
 
     def close(self) -> None:
         """Remove every directory kept for reuse, then ours (unless an attempt's is left in it)."""
