@@ -66,6 +66,12 @@ def environment(ctx, **_):
             "libc": {k: (libc.getenv(k.encode()) or b"").decode() for k in os.environ}}
 
 
+def session(ctx, **_):
+    autogroup = "/proc/self/autogroup"  # absent on a kernel without scheduler autogroups
+    return {"pid": os.getpid(), "pgid": os.getpgid(0), "sid": os.getsid(0),
+            "autogroup": open(autogroup).read().split()[0] if os.path.exists(autogroup) else None}
+
+
 def uses_sqlite(ctx, **_):
     import sqlite3
 
@@ -157,6 +163,17 @@ async def test_an_attempt_has_exactly_the_environment_the_supervisor_sent(plugin
     assert set(forked["os"]) == set(spawned["os"]), (forked["os"], spawned["os"])
     assert forked["os"]["HOME"] == forked["os"]["TMPDIR"] == forked["cwd"] != "/"
     assert forked["libc"] == forked["os"], "os.environ and the C library's environment disagree"
+
+
+async def test_an_attempt_leads_its_own_process_group_in_the_zygotes_session_and_scheduler_group(plugins: Path) -> None:
+    async with Supervisor(plugins=plugins, history=":memory:") as sup:
+        first, second = succeeded(await sup.run(job(step("probes:session", "a"), step("probes:session", "b"))))
+        zygote = zygote_pid(sup)
+        autogroup = Path(f"/proc/{zygote}/autogroup")
+        zygote_autogroup = autogroup.read_text().split()[0] if autogroup.exists() else None
+    for attempt in (first, second):
+        assert attempt["pgid"] == attempt["pid"] and attempt["sid"] == zygote, attempt
+        assert attempt["autogroup"] == zygote_autogroup, (attempt, zygote_autogroup)
 
 
 async def test_the_zygote_runs_no_threads(plugins: Path) -> None:
