@@ -482,7 +482,7 @@ class AttemptCgroup:
         if self.removed:
             return not self.leftover
         kill_dir = self._kill_dir
-        if kill_dir is not None and not _unpopulated(kill_dir):
+        if kill_dir is not None and kill_dir.exists() and not _unpopulated(kill_dir):  # planned, never made: nothing in it
             return False
         if not self._remove_lock.acquire(blocking=False):
             return False  # `remove` is at work on a thread

@@ -91,20 +91,20 @@ class Containment:
         `close()` still finishes everything left before the supervisor stops.
         """
         done = trio.Event()
-        if group is not None and workdir is not None and self._clean_now(group, workdir):
+        if group is not None and self._clean_now(group, workdir):
             done.set()
             return done
         self._leftovers.append((group, workdir, done))
         self._leftovers_wake.set()
         return done
 
-    def _clean_now(self, group: AttemptCgroup, workdir: str) -> bool:
+    def _clean_now(self, group: AttemptCgroup, workdir: str | None) -> bool:
         """`_clean` for an attempt that left nothing behind, without waiting; False changes
         nothing that `_clean` would not redo.  A hop to the janitor's thread measured about a
         millisecond of wake-ups and GIL hand-offs on every run, for a quarter of that in work."""
         if self.cgroups is None or not self.cgroups.release_now(group):
             return False
-        if not self.workdirs.reuse(workdir):
+        if workdir is not None and not self.workdirs.reuse(workdir):
             return False  # the cgroup is gone, so the janitor removes the directory knowing nobody writes in it
         if _zombie_children():
             reap_zombies_from(f"att-{group.name}")

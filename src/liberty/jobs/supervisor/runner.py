@@ -225,14 +225,14 @@ class Supervisor:
             pids |= self._spares.pids()
         return pids
 
-    async def _start_child(self, *, workdir: str, env: dict[str, str]) -> ChildHandle:
+    async def _start_child(self, *, workdir: str, env: dict[str, str], first: bytes = b"") -> ChildHandle:
         if self._zygote is not None:
             try:
-                return await self._zygote.fork(workdir=workdir, env=env)
+                return await self._zygote.fork(workdir=workdir, env=env, first=first)
             except (ZygoteError, OSError) as exc:
                 self.start_mode_note = f"zygote failed ({exc}); this attempt was spawned instead"
                 _log.warning(self.start_mode_note)
-        return await spawn_child(workdir=workdir, env=env)
+        return await spawn_child(workdir=workdir, env=env, first=first)
 
     # -- public API -------------------------------------------------------
 

@@ -3,7 +3,8 @@
 Two ways, one result (a `ChildHandle`): `spawn_child` starts a fresh
 `python -m liberty.jobs.child`; the zygote (`supervisor/zygote.py`) forks a
 warm one.  Either way the child gets the protocol pipes, its own stdout and
-stderr pipes, its own session, the environment given, and the work directory.
+stderr pipes, its own process group (a spawned one a session of its own too),
+the environment given, and the work directory.
 """
 
 from __future__ import annotations
@@ -75,26 +76,37 @@ class ChildHandle:
 
 
 PIPE_BYTES = 1024 * 1024
+FIRST_BYTES = 64 * 1024  # what a pipe holds at its smallest, unread
 
 
-def child_pipes() -> tuple[tuple[int, int], tuple[int, int]]:
-    """(to_child_r, to_child_w), (from_child_r, from_child_w); all close-on-exec.
+def child_pipes(first: bytes = b"") -> tuple[tuple[int, int], tuple[int, int]]:
+    """(to_child_r, to_child_w), (from_child_r, from_child_w); all close-on-exec; `first`
+    already written into the one to the child, for it to read first.
 
     Grown to 1 MiB (the protocol's line cap) where the host allows, so a stream
     batch or a big reply goes out in one write instead of 16 wake-ups.
     """
     pipes = os.pipe(), os.pipe()
-    for read_end, _ in pipes:
-        try:
-            fcntl.fcntl(read_end, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
-        except OSError:
-            pass  # above /proc/sys/fs/pipe-max-size for this user: the default size still works
+    try:
+        for read_end, _ in pipes:
+            try:
+                fcntl.fcntl(read_end, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+            except OSError:
+                pass  # above /proc/sys/fs/pipe-max-size for this user: the default size still works
+        if first:
+            if len(first) > FIRST_BYTES:  # more than any pipe holds: the write would wait for a reader
+                raise ValueError(f"{len(first)} bytes to write before the child starts, over {FIRST_BYTES}")
+            os.write(pipes[0][1], first)
+    except BaseException:
+        for fd in (*pipes[0], *pipes[1]):
+            os.close(fd)
+        raise
     return pipes
 
 
-async def spawn_child(*, workdir: str, env: dict[str, str]) -> ChildHandle:
-    """Start `python -m liberty.jobs.child` in its own session with the protocol pipes."""
-    (to_child_r, to_child_w), (from_child_r, from_child_w) = child_pipes()
+async def spawn_child(*, workdir: str, env: dict[str, str], first: bytes = b"") -> ChildHandle:
+    """Start `python -m liberty.jobs.child` in its own session with the protocol pipes (`first` in its own)."""
+    (to_child_r, to_child_w), (from_child_r, from_child_w) = child_pipes(first)
     child_fds = (to_child_r, from_child_w)
     try:
         process = await trio.lowlevel.open_process(

@@ -41,7 +41,7 @@ PREPARE_TIMEOUT = 30.0
 MAX_FAILURES = 3
 CLAIM_WAIT = 0.25  # a start waits this long at most for the spare being prepared
 
-StartChild = Callable[..., Awaitable[ChildHandle]]
+StartChild = Callable[..., Awaitable[ChildHandle]]  # (workdir=, env=, first=): `first` goes in its protocol pipe
 
 
 class PrepareError(Exception):
@@ -91,20 +91,25 @@ async def prepare_child(
     """
     token = uuid.uuid4().hex
     workdir = containment.workdirs.take()
+    group: AttemptCgroup | None = None
     try:
-        child = await start_child(workdir=workdir, env=child_environment(workdir=workdir, token=token))
-    except BaseException as exc:  # cancelled while the zygote forks it, too: no process was handed over
+        group = await containment.cgroup_for(f"{name}-{token[:8]}", limits)
+        spec = containment.sandbox_spec(limits, workdir, group)
+        prepare = encode(Prepare(plugins=plugins, sandbox=spec, expect=expect, rehearse=True))
+        # In its pipe before it exists: the new process reads `prepare` at once, and no one
+        # here has to wake up between the fork and the handshake.
+        child = await start_child(workdir=workdir, env=child_environment(workdir=workdir, token=token), first=prepare)
+    except BaseException as exc:  # no process was handed over (cancelled while the zygote forks it, too)
         containment.workdirs.give_back(workdir)
-        if isinstance(exc, OSError):
-            raise PrepareError(f"could not start the child: {exc}") from exc
+        if group is not None:
+            containment.discard(group, None)
+        if isinstance(exc, (OSError, CgroupError, ValueError, ProtocolError)):
+            raise PrepareError(f"could not start the child: {type(exc).__name__}: {exc}") from exc
         raise
-    spare = PreparedChild(child=child, workdir=workdir, token=token, group=None, report=None)
+    spare = PreparedChild(child=child, workdir=workdir, token=token, group=group, report=None)
     if making is not None:
         making.add(spare)
     try:
-        spare.group = await containment.cgroup_for(f"{name}-{token[:8]}", limits)
-        spec = containment.sandbox_spec(limits, workdir, spare.group)
-        await child.to_child.send_all(encode(Prepare(plugins=plugins, sandbox=spec, expect=expect, rehearse=True)))
         with trio.fail_after(PREPARE_TIMEOUT):
             ready, prepared = await _first_two(child)
         problem = ready_problem(ready, child.pid) or prepared_problem(prepared, sandbox=spec)

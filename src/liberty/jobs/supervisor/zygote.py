@@ -90,8 +90,9 @@ class Zygote:
             with trio.CancelScope(shield=True):
                 await self._stop()
 
-    async def fork(self, *, workdir: str, env: dict[str, str]) -> ChildHandle:
-        (to_child_r, to_child_w), (from_child_r, from_child_w) = child_pipes()
+    async def fork(self, *, workdir: str, env: dict[str, str], first: bytes = b"") -> ChildHandle:
+        """A new attempt process, forked by the zygote; `first` waits for it in its protocol pipe."""
+        (to_child_r, to_child_w), (from_child_r, from_child_w) = child_pipes(first)
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         theirs = [to_child_r, from_child_w, out_w, err_w]
