@@ -63,10 +63,10 @@ def status_of(pid: int) -> dict[str, str]:
         return {k: v.strip() for k, v in (line.split(":", 1) for line in f)}
 
 
-async def test_the_default_is_two_spares_prepared_ahead(plugins: Path) -> None:
+async def test_the_default_is_three_spares_prepared_ahead(plugins: Path) -> None:
     async with Supervisor(plugins=plugins, history=":memory:") as sup:
         output(await sup.run(job()))
-        assert len(await waiting_spares(sup, 2)) == 2
+        assert len(await waiting_spares(sup, 3)) == 3
 
 
 async def test_the_next_run_starts_in_the_spare_prepared_ahead(plugins: Path) -> None:
