@@ -10,6 +10,7 @@ import trio
 
 from liberty.jobs import Job, Limits, Step, Supervisor
 from liberty.jobs.sandbox import sandbox_gaps, sandbox_problem
+from liberty.jobs.supervisor.cgroups import AttemptCgroup
 from liberty.jobs.supervisor.containment import Containment
 from supervisor_helpers import plugins_dir
 
@@ -90,16 +91,20 @@ async def test_a_later_attempt_works_in_an_earlier_ones_pristine_dir_under_a_new
     assert first["cwd"] != second["cwd"] and first["inode"] == second["inode"]
 
 
-@pytest.mark.trio
-async def test_an_attempt_that_left_nothing_behind_is_cleaned_up_at_once(plugins: Path) -> None:
+async def _ended_attempt(plugins: Path, name: str) -> tuple[Containment, AttemptCgroup, str]:
+    """An opened Containment (its janitor not running) and an attempt's cgroup and work directory."""
     containment = Containment(plugins=plugins)
     await containment.open()
+    group = await trio.to_thread.run_sync(containment.contain, name, Limits())
+    assert group is not None
+    return containment, group, containment.workdirs.take()
+
+
+@pytest.mark.trio
+async def test_an_attempt_that_left_nothing_behind_is_cleaned_up_at_once(plugins: Path) -> None:
+    containment, group, workdir = await _ended_attempt(plugins, "at-once")
     try:
-        group = await trio.to_thread.run_sync(containment.contain, "at-once", Limits())
-        assert group is not None
-        workdir = containment.workdirs.take()
-        done = containment.discard(group, workdir)  # no janitor running: nothing waits for it
-        assert done.is_set()
+        assert containment.discard(group, workdir).is_set()  # nothing waits for the janitor
         assert not any(d.exists() for d in group.dirs.values()) and not os.path.lexists(workdir)
         assert containment.workdirs.take() != workdir  # kept for reuse under a new name
     finally:
@@ -108,13 +113,9 @@ async def test_an_attempt_that_left_nothing_behind_is_cleaned_up_at_once(plugins
 
 @pytest.mark.trio
 async def test_a_work_directory_with_files_in_it_is_removed_by_the_janitor(plugins: Path) -> None:
-    containment = Containment(plugins=plugins)
-    await containment.open()
-    group = await trio.to_thread.run_sync(containment.contain, "files-left", Limits())
-    assert group is not None
-    workdir = containment.workdirs.take()
+    containment, group, workdir = await _ended_attempt(plugins, "files-left")
     Path(workdir, "output.csv").write_text("a,b\n")
-    done = containment.discard(group, workdir)  # no janitor running
+    done = containment.discard(group, workdir)
     assert not done.is_set() and Path(workdir, "output.csv").exists()
     assert not any(d.exists() for d in group.dirs.values())  # empty: removed at once all the same
     await containment.close()
@@ -123,14 +124,10 @@ async def test_a_work_directory_with_files_in_it_is_removed_by_the_janitor(plugi
 
 @pytest.mark.trio
 async def test_what_the_janitor_did_not_reach_is_cleaned_up_on_close(plugins: Path) -> None:
-    containment = Containment(plugins=plugins)
-    await containment.open()
-    group = await trio.to_thread.run_sync(containment.contain, "janitor-test", Limits())
-    assert group is not None
+    containment, group, workdir = await _ended_attempt(plugins, "janitor-test")
     left_behind = await trio.lowlevel.open_process(["sleep", "60"])  # a process the attempt left in its cgroup
     group.add(left_behind.pid)
-    workdir = containment.workdirs.take()
-    done = containment.discard(group, workdir)  # no janitor running
+    done = containment.discard(group, workdir)
     assert not done.is_set() and all(d.exists() for d in group.dirs.values())
     await containment.close()
     assert done.is_set()
