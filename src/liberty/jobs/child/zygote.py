@@ -17,6 +17,7 @@ import array
 import asyncio
 import gc
 import json
+import mmap
 import os
 import random
 import socket
@@ -62,7 +63,10 @@ def main() -> None:
 
 def _serve(sock: socket.socket, forker: SiblingForker) -> None:
     """Fork one attempt per request, touching as little as it can in between (see `protocol.zygote`)."""
-    buffer = bytearray(MAX_REQUEST)  # one buffer for every request: nothing allocated per read
+    # One buffer for every request, nothing allocated per read; private anonymous memory, so
+    # that only the pages a request filled are mapped (a zeroed bytearray is 256 pages that
+    # every fork copies the page table entries of, and every attempt's exit unmaps).
+    buffer = mmap.mmap(-1, MAX_REQUEST, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     ancillary = socket.CMSG_SPACE(REQUEST_FDS * 4)
     while True:
         try:
