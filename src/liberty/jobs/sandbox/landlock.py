@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import os
 import sys
 
@@ -102,6 +103,7 @@ def _syscall(name: str, *args: object) -> int:
     return result
 
 
+@functools.cache  # the running kernel's: asked once per process (the zygote's answer serves its attempts)
 def abi_version() -> int:
     """The kernel's Landlock ABI, 0 when Landlock is absent or disabled at boot."""
     if not sys.platform.startswith("linux"):
@@ -145,6 +147,12 @@ class Ruleset:
         )
         self.rules: list[tuple[str, int]] = []
         self.skipped: list[tuple[str, str]] = []
+        # One rule structure and one argument list for every `add_rule`: dozens of rules per
+        # attempt, and ctypes objects made afresh for each cost as much as the call itself.
+        self._rule = _PathBeneathAttr(0, -1)
+        self._add_rule_args = (
+            _SYSCALLS["add_rule"], ctypes.c_int(self._fd), ctypes.c_int(_RULE_PATH_BENEATH), ctypes.byref(self._rule), ctypes.c_uint32(0)
+        )
 
     def allow(self, path: str, rights: int, *, directory: bool = True) -> bool:
         """Grant `rights` beneath `path`; a missing path is noted in `skipped`, not an error.
@@ -168,8 +176,11 @@ class Ruleset:
             self.skipped.append((path, exc.strerror or str(exc)))
             return False
         try:
-            attr = _PathBeneathAttr(rights, fd)
-            _syscall("add_rule", ctypes.c_int(self._fd), ctypes.c_int(_RULE_PATH_BENEATH), ctypes.byref(attr), ctypes.c_uint32(0))
+            self._rule.allowed_access = rights
+            self._rule.parent_fd = fd
+            if _libc.syscall(*self._add_rule_args) < 0:
+                err = ctypes.get_errno()
+                raise LandlockError(err, f"landlock_add_rule: {os.strerror(err)}")
         finally:
             os.close(fd)
         self.rules.append((path, rights))
