@@ -177,3 +177,12 @@ def test_a_path_said_to_be_a_file_is_opened_once_with_a_files_rights(tmp_path: P
         rules.close()
     assert len(opened) == 2 and not any(flags & os.O_DIRECTORY for flags in opened)
     assert [rights for _, rights in rules.rules] == [landlock.READ_WRITE & rules.handled_fs & landlock._FILE_ONLY_RIGHTS] * 2
+
+
+def test_a_closed_ruleset_takes_no_more_rules(tmp_path: Path) -> None:
+    from liberty.jobs.sandbox import landlock
+
+    rules = landlock.Ruleset()
+    rules.close()
+    with pytest.raises(landlock.LandlockError, match="closed"):
+        rules.allow(str(tmp_path), landlock.READ_WRITE)

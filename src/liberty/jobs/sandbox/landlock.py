@@ -161,6 +161,8 @@ class Ruleset:
         `directory=False` says it is a file, opened once, with only a file's rights
         (were it a directory after all, those narrow what it grants, never widen).
         """
+        if self._fd < 0:
+            raise LandlockError(errno.EBADF, "landlock_add_rule: the ruleset is closed")
         rights &= self.handled_fs
         try:
             fd = -1
