@@ -63,10 +63,27 @@ def status_of(pid: int) -> dict[str, str]:
         return {k: v.strip() for k, v in (line.split(":", 1) for line in f)}
 
 
-async def test_the_default_is_three_spares_prepared_ahead(plugins: Path) -> None:
+async def test_the_default_is_up_to_four_spares_one_more_for_each_start_they_serve(plugins: Path) -> None:
     async with Supervisor(plugins=plugins, history=":memory:") as sup:
-        output(await sup.run(job()))
-        assert len(await waiting_spares(sup, 3)) == 3
+        for expected in (1, 2, 3, 4, 4):
+            output(await sup.run(job()))
+            assert len(await waiting_spares(sup, expected)) == expected
+
+
+async def test_after_a_change_of_limits_one_spare_is_kept_until_they_are_asked_for_again(plugins: Path) -> None:
+    other = Limits(max_open_files=100)
+    async with Supervisor(plugins=plugins, history=":memory:", spares=3) as sup:
+        for _ in range(3):
+            output(await sup.run(job()))
+        await waiting_spares(sup, 3)
+        output(await sup.run(job(other)))
+        with trio.fail_after(10):
+            while len(pool(sup).pids()) != 1 or pool(sup)._making:  # the old ones disposed of, one made
+                await trio.sleep(0.01)
+        await trio.sleep(0.2)
+        assert len(pool(sup).pids()) == 1
+        output(await sup.run(job(other)))
+        assert len(await waiting_spares(sup, 2)) == 2
 
 
 async def test_the_next_run_starts_in_the_spare_prepared_ahead(plugins: Path) -> None:
@@ -80,7 +97,8 @@ async def test_the_next_run_starts_in_the_spare_prepared_ahead(plugins: Path) ->
 
 async def test_a_claimed_spare_is_replaced_at_once_even_while_another_still_waits(plugins: Path) -> None:
     async with Supervisor(plugins=plugins, history=":memory:", spares=2) as sup:
-        output(await sup.run(job()))
+        for _ in range(2):  # the second start is served by a spare: two are kept from then on
+            output(await sup.run(job()))
         await waiting_spares(sup, 2)
         claimed = await pool(sup).claim(Limits(), "probes:whoami")
         assert claimed is not None
@@ -114,7 +132,8 @@ async def test_an_edit_made_while_a_spare_waits_is_picked_up(plugins: Path) -> N
 
 async def test_unused_spares_are_killed_and_cleaned_up_when_the_supervisor_stops(plugins: Path) -> None:
     async with Supervisor(plugins=plugins, history=":memory:", spares=2) as sup:
-        output(await sup.run(job()))
+        for _ in range(2):
+            output(await sup.run(job()))
         spares = await waiting_spares(sup, 2)
         workdirs = [os.readlink(f"/proc/{pid}/cwd") for pid in spares]
         manager = sup.containment.cgroups

@@ -90,7 +90,7 @@ class Settings:
     connectors: str = "connectors.toml"
     start_mode: Literal["zygote", "spawn"] = "zygote"
     isolation: bool = True
-    warm_spares: int = 3
+    warm_spares: int = 4
     defaults: dict[str, Any] = attrs.field(factory=dict)
 
     def __attrs_post_init__(self) -> None:

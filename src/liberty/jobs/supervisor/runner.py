@@ -100,7 +100,7 @@ class Supervisor:
         on_log: Callable[[LogLine], None] | None = None,
         start_mode: StartMode = "zygote",
         isolation: bool = True,
-        spares: int = 3,
+        spares: int = 4,
     ) -> None:
         if start_mode not in ("zygote", "spawn"):
             raise ConfigError(f"start_mode must be 'zygote' or 'spawn', got {start_mode!r}", key="start_mode")

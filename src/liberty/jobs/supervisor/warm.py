@@ -195,7 +195,7 @@ async def dispose(spare: PreparedChild, containment: Containment) -> None:
 
 
 class SparePool:
-    """Keeps `size` prepared children for the limits most recently asked for."""
+    """Keeps up to `size` prepared children for the limits most recently asked for."""
 
     def __init__(self, *, start_child: StartChild, containment: Containment, plugins: str, size: int = 1) -> None:
         self._start_child = start_child
@@ -206,6 +206,9 @@ class SparePool:
         self._preparing: collections.Counter[str] = collections.Counter()
         self._want: str | None = None  # the key of the limits the latest start asked for
         self._want_limits = Limits()
+        # How many to keep for the wanted limits: one after they change, one more for each start
+        # a spare serves, up to `size`; steps alternating between limits waste one spare a switch.
+        self._depth = 1
         self._expect: str | None = None  # the step the latest claim was for: the next spares compile it ahead
         self._failures = 0  # in a row, for the wanted limits
         self._wake = trio.Event()
@@ -245,7 +248,7 @@ class SparePool:
 
     def _wanted(self, key: str) -> bool:
         have = len(self._ready.get(key, ())) + self._preparing[key]
-        return have < self.size and self._failures < MAX_FAILURES
+        return have < self._depth and self._failures < MAX_FAILURES
 
     async def _fill_one(self, key: str, limits: Limits, expect: str | None) -> None:
         try:
@@ -285,7 +288,7 @@ class SparePool:
         self._expect = expect
         key = limits_key(limits)
         if key != self._want:
-            self._want, self._want_limits, self._failures = key, limits, 0
+            self._want, self._want_limits, self._failures, self._depth = key, limits, 0, 1
             for other in [k for k in self._ready if k != key]:
                 for spare in self._ready.pop(other):
                     self._nursery.start_soon(dispose, spare, self._containment)
@@ -299,11 +302,12 @@ class SparePool:
             finally:
                 self._waiting = False
             spare = self._take(key)
-        self._wake.set()
         if spare is None:
             self.misses += 1
         else:
             self.hits += 1
+            self._depth = min(self.size, self._depth + 1)
+        self._wake.set()
         return spare
 
     def _take(self, key: str) -> PreparedChild | None:
