@@ -95,7 +95,21 @@ async def test_the_next_run_starts_in_the_spare_prepared_ahead(plugins: Path) ->
         assert pool(sup).hits == hits + 1
 
 
-async def test_a_claimed_spare_is_replaced_at_once_even_while_another_still_waits(plugins: Path) -> None:
+async def test_a_claim_that_takes_the_last_ready_spare_starts_its_replacement_at_once(plugins: Path) -> None:
+    async with Supervisor(plugins=plugins, history=":memory:", spares=1) as sup:
+        output(await sup.run(job()))
+        await waiting_spares(sup, 1)
+        claimed = await pool(sup).claim(Limits(), "probes:whoami")
+        assert claimed is not None
+        try:
+            assert pool(sup)._wake.is_set()
+            await trio.testing.wait_all_tasks_blocked()  # the filler included: no timer stands in its way
+            assert sum(pool(sup)._preparing.values()) == 1
+        finally:
+            await dispose(claimed, sup.containment)
+
+
+async def test_a_claim_that_leaves_a_spare_ready_starts_its_replacement_a_moment_later(plugins: Path) -> None:
     async with Supervisor(plugins=plugins, history=":memory:", spares=2) as sup:
         for _ in range(2):  # the second start is served by a spare: two are kept from then on
             output(await sup.run(job()))
@@ -103,8 +117,10 @@ async def test_a_claimed_spare_is_replaced_at_once_even_while_another_still_wait
         claimed = await pool(sup).claim(Limits(), "probes:whoami")
         assert claimed is not None
         try:
-            await trio.testing.wait_all_tasks_blocked()  # the filler included: no timer stands in its way
-            assert sum(pool(sup)._preparing.values()) == 1
+            assert not pool(sup)._wake.is_set()  # not yet: the step just started has the CPUs first
+            with trio.fail_after(1):
+                while not sum(pool(sup)._preparing.values()) and len(pool(sup).pids()) < 2:
+                    await trio.sleep(0.0005)
         finally:
             await dispose(claimed, sup.containment)
 

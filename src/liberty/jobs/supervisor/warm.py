@@ -39,6 +39,9 @@ _log = logging.getLogger(__name__)
 
 PREPARE_TIMEOUT = 30.0
 MAX_FAILURES = 3
+# A millisecond: measured, the median back-to-back start 13% sooner and no fewer runs/s (with no
+# spare left ready there is no delay; 5 ms, always, once made back-to-back starts find none).
+REFILL_DELAY = 0.001
 CLAIM_WAIT = 0.25  # a start waits this long at most for the spare being prepared
 
 StartChild = Callable[..., Awaitable[ChildHandle]]  # (workdir=, env=, first=): `first` goes in its protocol pipe
@@ -232,11 +235,8 @@ class SparePool:
                 while True:
                     await self._wake.wait()
                     self._wake = trio.Event()
-                    # At once, even with a spare still waiting: deferring the refill (5 ms, so as not
-                    # to compete with the step just started) left back-to-back starts finding no
-                    # spare at all, and measured 6% fewer runs/s than refilling right away.
                     key = self._want
-                    while key is not None and self._wanted(key):  # up to `size` prepared at once
+                    while key is not None and self._wanted(key):  # up to `_depth` prepared at once
                         self._preparing[key] += 1
                         nursery.start_soon(self._fill_one, key, self._want_limits, self._expect)
         finally:
@@ -307,8 +307,17 @@ class SparePool:
         else:
             self.hits += 1
             self._depth = min(self.size, self._depth + 1)
-        self._wake.set()
+        if spare is not None and self._ready.get(key):
+            # Another is ready for the next start: the replacement (a fork, and a child setting
+            # itself up) waits a moment rather than compete for the CPUs with the step just started.
+            self._nursery.start_soon(self._wake_after, REFILL_DELAY)
+        else:
+            self._wake.set()
         return spare
+
+    async def _wake_after(self, delay: float) -> None:
+        await trio.sleep(delay)
+        self._wake.set()
 
     def _take(self, key: str) -> PreparedChild | None:
         queue = self._ready.get(key)
