@@ -134,7 +134,7 @@ def _become_attempt(sock: socket.socket, body: bytes, fds: list[int]) -> None:
         # A group of its own (the supervisor's kill takes the tree by it) in the zygote's session,
         # which has no terminal.  Not a session of its own: on a host with scheduler autogroups
         # every new session is one, so each attempt was a group of its own, which cost each run
-        # about 4% more CPU (measured) and left the supervisor one share of the CPUs among as
+        # 4-7% more CPU (measured) and left the supervisor one share of the CPUs among as
         # many as there were attempts; together, attempts are one group beside the supervisor.
         os.setpgid(0, 0)
         _set_name("nomaflow-step")
