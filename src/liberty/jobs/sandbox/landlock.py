@@ -150,9 +150,7 @@ class Ruleset:
         # One rule structure and one argument list for every `add_rule`: dozens of rules per
         # attempt, and ctypes objects made afresh for each cost as much as the call itself.
         self._rule = _PathBeneathAttr(0, -1)
-        self._add_rule_args = (
-            _SYSCALLS["add_rule"], ctypes.c_int(self._fd), ctypes.c_int(_RULE_PATH_BENEATH), ctypes.byref(self._rule), ctypes.c_uint32(0)
-        )
+        self._add_rule_args = (ctypes.c_int(self._fd), ctypes.c_int(_RULE_PATH_BENEATH), ctypes.byref(self._rule), ctypes.c_uint32(0))
 
     def allow(self, path: str, rights: int, *, directory: bool = True) -> bool:
         """Grant `rights` beneath `path`; a missing path is noted in `skipped`, not an error.
@@ -180,9 +178,7 @@ class Ruleset:
         try:
             self._rule.allowed_access = rights
             self._rule.parent_fd = fd
-            if _libc.syscall(*self._add_rule_args) < 0:
-                err = ctypes.get_errno()
-                raise LandlockError(err, f"landlock_add_rule: {os.strerror(err)}")
+            _syscall("add_rule", *self._add_rule_args)
         finally:
             os.close(fd)
         self.rules.append((path, rights))

@@ -106,8 +106,7 @@ class Containment:
             return False
         if workdir is not None and not self.workdirs.reuse(workdir):
             return False  # the cgroup is gone, so the janitor removes the directory knowing nobody writes in it
-        if _zombie_children():
-            reap_zombies_from(f"att-{group.name}")
+        reap_zombies_from(f"att-{group.name}")
         return True
 
     async def run_janitor(self) -> None:
@@ -260,6 +259,8 @@ def reap_zombies_from(*cgroup_names: str) -> int:
     A zombie still names its cgroup in /proc/<pid>/cgroup, so only those attempts'
     are taken; nothing another part of this process started is touched.
     """
+    if not _zombie_children():
+        return 0  # one system call, where the scan below reads a file per child
     reaped = 0
     for pid in direct_children():
         fields = stat_fields(pid)
