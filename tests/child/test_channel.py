@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -126,3 +128,56 @@ def test_a_second_start_is_a_protocol_failure(child: RawChild, tmp_path: Path) -
 def test_the_child_exits_when_the_supervisor_is_gone_before_start(child: RawChild) -> None:
     child.prepared()
     assert child.ended()[0] == EXIT_PARENT_GONE
+
+
+def running(child: RawChild, tmp_path: Path, body: str, *, sync: bool = False) -> None:
+    """Start a step that marks that it runs, then does `body`; return once it runs."""
+    marker = tmp_path / "running"
+    head = "def" if sync else "async def"
+    (tmp_path / "steps.py").write_text(
+        f"import os, time\n{head} hello(ctx, **_):\n    open({str(marker)!r}, 'w').close()\n    {body}\n"
+    )
+    child.prepared()
+    child.send(start())
+    for _ in range(300):
+        if marker.exists():
+            return
+        time.sleep(0.05)
+    raise AssertionError("the step did not start within 15 s")
+
+
+def test_a_step_the_supervisor_does_not_talk_to_again_runs_on_one_thread(child: RawChild, tmp_path: Path) -> None:
+    (tmp_path / "steps.py").write_text("import os\nasync def hello(ctx, **_):\n    return {'tasks': len(os.listdir('/proc/self/task'))}\n")
+    child.prepared()
+    child.send(start())
+    assert b'"tasks":1' in child.line().replace(b" ", b"")
+    assert child.ended(hang_up=False)[0] == 0
+
+
+@pytest.mark.parametrize(
+    "body, sync",
+    [("time.sleep(60)", False), ("while True: pass", False), ("time.sleep(60)", True)],
+    ids=["sleeping-on-the-loop", "spinning-on-the-loop", "sleeping-in-a-sync-step"],
+)
+def test_the_child_exits_when_the_supervisor_is_gone_while_its_step_runs(child: RawChild, tmp_path: Path, body: str, sync: bool) -> None:
+    running(child, tmp_path, body, sync=sync)
+    began = time.monotonic()
+    assert child.ended()[0] == EXIT_PARENT_GONE
+    assert time.monotonic() - began < 20  # not the step's 60 s
+
+
+def test_a_second_start_while_the_step_holds_the_loop_is_a_protocol_failure(child: RawChild, tmp_path: Path) -> None:
+    running(child, tmp_path, "time.sleep(60)")
+    child.send(start())
+    code, err = child.ended()
+    assert code == EXIT_PROTOCOL
+    assert "a second start message" in err
+
+
+def test_a_sigio_from_elsewhere_before_start_leaves_the_start_to_the_main_thread(child: RawChild) -> None:
+    child.prepared()
+    os.kill(child.proc.pid, signal.SIGIO)
+    time.sleep(0.2)
+    child.send(start())
+    assert b'"hi"' in child.line()
+    assert child.ended(hang_up=False)[0] == 0

@@ -34,7 +34,7 @@ def serve(fd_in: int, fd_out: int) -> None:
     """Handshake, prepare, wait for the step, run it, exit; shared by spawned and forked children.
 
     Everything that does not depend on the step (the sandbox, the plugins path,
-    the event loop, the reader thread) happens on `prepare`, so a supervisor can
+    the event loop, the pipe's wake-up signal) happens on `prepare`, so a supervisor can
     prepare an attempt ahead of the request that will use it.  A step is never
     started in a sandbox that its own report calls broken, whether or not
     `start` is already in the pipe.
@@ -62,7 +62,7 @@ def serve(fd_in: int, fd_out: int) -> None:
     # sent, so the loop's orderly shutdown (executor join, async generators) is not waited for.
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
-    channel.start_reader()
+    channel.watch_for_messages()
     if prepare.rehearse:
         rehearse_start(loop, prepare.plugins)
     if prepare.expect:
@@ -118,6 +118,7 @@ def run_attempt(channel: Channel, start: Start, plugins: str, loop: asyncio.Abst
     try:
         func = resolve_function(start.function, plugins)
     except BaseException as exc:  # the plugin's import-time errors belong to the step
+        channel.finishing()
         channel.send(_failure("exception", exc))
         return
     ctx = ChildContext(channel, start)
@@ -125,6 +126,7 @@ def run_attempt(channel: Channel, start: Start, plugins: str, loop: asyncio.Abst
         result = loop.run_until_complete(_run(channel, func, ctx, start))
     except (SystemExit, KeyboardInterrupt) as exc:  # asyncio re-raises these past the task
         result = _failure("exception", exc)
+    channel.finishing()
     channel.send(result)
 
 
