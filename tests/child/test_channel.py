@@ -181,3 +181,38 @@ def test_a_sigio_from_elsewhere_before_start_leaves_the_start_to_the_main_thread
     child.send(start())
     assert b'"hi"' in child.line()
     assert child.ended(hang_up=False)[0] == 0
+
+
+FALLBACK_SCRIPT = """
+import fcntl, os, sys, time
+from liberty.jobs.child import channel as ch
+from liberty.jobs.protocol import Cancel, encode
+real_fcntl = fcntl.fcntl
+def no_setown_ex(fd, cmd, *args):
+    if cmd == ch._F_SETOWN_EX:
+        raise OSError(22, "Invalid argument")
+    return real_fcntl(fd, cmd, *args)
+ch.fcntl.fcntl = no_setown_ex
+r_in, w_in = os.pipe()
+r_out, w_out = os.pipe()
+channel = ch.Channel(r_in, w_out)
+channel.watch_for_messages()
+os.write(w_in, sys.stdin.buffer.read())
+channel.wait_start()
+os.write(w_in, encode(Cancel(stage="flag")))
+landed = channel.cancelled.wait(10)
+print(len(os.listdir("/proc/self/task")), landed, flush=True)
+os._exit(0)
+"""
+
+
+def test_without_sigio_the_reader_thread_starts_with_the_step() -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", FALLBACK_SCRIPT],
+        input=encode(start()),
+        capture_output=True,
+        env={"PYTHONPATH": str(SRC)},
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [b"2", b"True"]  # the main thread and the reader, which set the flag

@@ -63,7 +63,8 @@ class Channel:
         self.cancelled = threading.Event()
         self.on_task_cancel: Callable[[], None] | None = None
         self._reader_once = _thread.allocate_lock()  # taken by whoever starts the reader thread
-        self._flags_in: int | None = None  # the pipe's file flags, once `watch_for_messages` ran
+        self._flags_in: int | None = None  # the pipe's file flags, once `watch_for_messages` armed SIGIO
+        self._reader_at_start = False  # SIGIO could not be armed: the reader starts with the step
         self._started = False  # `start` has been read: the pipe is the reader thread's to read
         self._finishing = False  # the result is on its way: a hang-up now is expected
 
@@ -108,7 +109,9 @@ class Channel:
             print(f"nomaflow child: protocol failure from the supervisor: {type(msg).__name__} before start", file=sys.stderr, flush=True)
             os._exit(EXIT_PROTOCOL)
         self._started = True
-        if self._flags_in is not None:
+        if self._reader_at_start:
+            self.start_reader()
+        elif self._flags_in is not None:
             fcntl.fcntl(self._fd_in, fcntl.F_SETFL, self._flags_in | os.O_ASYNC)
             # What came before O_ASYNC was set raised no signal: read it now.
             if self._pending_lines or _readable(self._fd_in):
@@ -120,11 +123,19 @@ class Channel:
 
         Called while the attempt waits to start, so the step's start pays for one
         `fcntl` only.  SIGIO goes to this thread by its id (`F_SETOWN_EX`): a signal
-        that another thread took would not wake the event loop sleeping here.
+        that another thread took would not wake the event loop sleeping here.  It
+        comes once at most (the reader then turns O_ASYNC off), and a blocking call
+        it interrupts is retried by Python; a C extension that does not retry on
+        EINTR sees one, on a cancel or a hang-up only.
         """
+        try:
+            fcntl.fcntl(self._fd_in, _F_SETOWN_EX, struct.pack("ii", _F_OWNER_TID, threading.get_native_id()))
+            flags = fcntl.fcntl(self._fd_in, fcntl.F_GETFL)
+        except OSError:
+            self._reader_at_start = True  # not Linux's fcntl: nothing would wake a reader later
+            return
         signal.signal(signal.SIGIO, self._on_sigio)
-        fcntl.fcntl(self._fd_in, _F_SETOWN_EX, struct.pack("ii", _F_OWNER_TID, threading.get_native_id()))
-        self._flags_in = fcntl.fcntl(self._fd_in, fcntl.F_GETFL)
+        self._flags_in = flags
 
     def finishing(self) -> None:
         """The result is about to be sent: the supervisor hangs up once it has it, and nothing need wake for that."""
