@@ -19,7 +19,7 @@ import gc
 import json
 import mmap
 import os
-import random
+import random  # noqa: F401  (imported here for its at-fork hook, which reseeds each attempt: see `_become_attempt`)
 import socket
 from typing import Any
 
@@ -147,7 +147,8 @@ def _become_attempt(sock: socket.socket, body: bytes, fds: list[int]) -> None:
         env, cwd = _attempt_request(loads(body))
         _replace_environ(env)
         os.chdir(cwd)
-        random.seed()
+        # `random` was reseeded by its own at-fork hook, which PyOS_AfterFork_Child runs in every
+        # attempt (forking.py calls it, as os.fork() does): seeding again would read the entropy twice.
         fd_in, fd_out = runtime.adopt_protocol_fds(f"{proto_in},{proto_out}")
         os.closerange(fd_out + 1, 65536)
         runtime.serve(fd_in, fd_out)
