@@ -118,14 +118,13 @@ def run_attempt(channel: Channel, start: Start, plugins: str, loop: asyncio.Abst
     try:
         func = resolve_function(start.function, plugins)
     except BaseException as exc:  # the plugin's import-time errors belong to the step
-        channel.finishing()
-        channel.send(_failure("exception", exc))
-        return
-    ctx = ChildContext(channel, start)
-    try:
-        result = loop.run_until_complete(_run(channel, func, ctx, start))
-    except (SystemExit, KeyboardInterrupt) as exc:  # asyncio re-raises these past the task
-        result = _failure("exception", exc)
+        result: Done | Failed = _failure("exception", exc)
+    else:
+        ctx = ChildContext(channel, start)
+        try:
+            result = loop.run_until_complete(_run(channel, func, ctx, start))
+        except (SystemExit, KeyboardInterrupt) as exc:  # asyncio re-raises these past the task
+            result = _failure("exception", exc)
     channel.finishing()
     channel.send(result)
 
