@@ -73,3 +73,36 @@ def test_the_concurrent_target_names_the_runs_it_measured():
     results = _results()
     results["throughput"]["runs_per_round"] = 20
     assert "throughput, 20 concurrent runs, vs the pool" in _verdicts(results)
+
+
+def test_throughput_rounds_pair_each_round_and_alternate_which_side_goes_first(monkeypatch):
+    """The ratio is taken within a round, and every other round the runner goes first, so a load
+    that moves between turns does not always land on the same side.  The measurements are
+    stand-ins here: what is pinned is the bookkeeping, not this machine's speed."""
+    import trio
+
+    order: list[str] = []
+    pool_rates = iter([100.0, 50.0, 80.0])
+    runner_rates = iter([210.0, 220.0, 90.0, 95.0, 170.0, 180.0])
+
+    def pool(m: int) -> tuple[float, float]:
+        order.append("pool")
+        return next(pool_rates), 20.0
+
+    async def sequential(sup: object, m: int) -> tuple[float, float]:
+        order.append("seq")
+        return next(runner_rates), 10.0
+
+    async def concurrent(sup: object, m: int) -> tuple[float, float]:
+        order.append("conc")
+        return next(runner_rates), 9.0
+
+    monkeypatch.setattr(bench_run, "baseline_forkserver_pool", pool)
+    monkeypatch.setattr(bench_run, "runner_throughput_sequential", sequential)
+    monkeypatch.setattr(bench_run, "runner_throughput_concurrent", concurrent)
+    results = trio.run(lambda: bench_run.throughput_rounds(None, m=100, rounds=3))
+
+    assert order == ["pool", "seq", "conc", "seq", "conc", "pool", "pool", "seq", "conc"]
+    assert results["ratio_sequential_vs_pool_each_round"] == [2.1, 1.8, 2.125]
+    assert results["ratio_concurrent_vs_pool_each_round"] == [2.2, 1.9, 2.25]
+    assert results["ratio_sequential_vs_pool"] == 2.1
