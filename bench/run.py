@@ -137,11 +137,15 @@ async def throughput_rounds(sup: Supervisor, *, m: int, rounds: int) -> dict[str
     Every other round measures the runner first, so that neither side always runs right after the other."""
     seq, conc, pool = [], [], []
     seq_cpu, conc_cpu, pool_cpu = [], [], []
+
+    def pool_turn() -> None:
+        rate, cpu = baseline_forkserver_pool(m)
+        pool.append(rate)
+        pool_cpu.append(cpu)
+
     for r in range(rounds):
         if r % 2 == 0:
-            rate, cpu = baseline_forkserver_pool(m)
-            pool.append(rate)
-            pool_cpu.append(cpu)
+            pool_turn()
         rate, cpu = await runner_throughput_sequential(sup, m)
         seq.append(rate)
         seq_cpu.append(cpu)
@@ -149,9 +153,7 @@ async def throughput_rounds(sup: Supervisor, *, m: int, rounds: int) -> dict[str
         conc.append(rate)
         conc_cpu.append(cpu)
         if r % 2 == 1:
-            rate, cpu = baseline_forkserver_pool(m)
-            pool.append(rate)
-            pool_cpu.append(cpu)
+            pool_turn()
     seq_ratios = [s / p for s, p in zip(seq, pool)]
     conc_ratios = [c / p for c, p in zip(conc, pool)]
     results: dict[str, Any] = {
