@@ -84,6 +84,8 @@ def strategy_for(tp: Any) -> st.SearchStrategy[Any]:
     if origin is dict:
         assert args[0] is str, tp
         return st.dictionaries(st.text(max_size=10), strategy_for(args[1]), max_size=5)
+    if attrs.has(tp):
+        return message_strategy(tp)
     raise AssertionError(f"no strategy for field type {tp!r}; extend strategy_for")
 
 
@@ -437,3 +439,25 @@ def test_splitter_on_random_chunks_only_raises_protocol_error(chunks: list[bytes
         splitter.close()
     except ProtocolError:
         pass
+
+
+@pytest.mark.parametrize(
+    "compiled",
+    [
+        "code",
+        {"path": "/p/steps.py", "digest": "0" * 64},
+        {"path": "/p/steps.py", "digest": "0" * 64, "code": "eA==", "run": True},
+        {"path": "/p/steps.py", "digest": "0" * 64, "code": 1},
+    ],
+)
+def test_prepared_with_malformed_compiled_code_is_a_protocol_error(compiled: Any) -> None:
+    line = json.dumps({"t": "prepared", "report": None, "compiled": compiled}).encode()
+    with pytest.raises(ProtocolError, match="compiled"):
+        decode_child_message(line)
+
+
+def test_prepared_compiled_code_round_trips() -> None:
+    from liberty.jobs.protocol import CompiledSource
+
+    msg = Prepared(report=None, compiled=CompiledSource(path="/p/steps.py", digest="0" * 64, code="eA=="))
+    assert decode_child_message(encode(msg)) == msg

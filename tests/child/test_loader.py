@@ -205,26 +205,45 @@ def test_the_import_rehearsal_leaves_no_file_module_or_path_behind(plugins: Path
 
 _AHEAD = """
 import builtins, json, pathlib, sys
+import attrs
+from liberty.jobs.child import loader
 from liberty.jobs.child.loader import compile_ahead, install_plugins_path, resolve_function
-plugins, ref, edit = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+from liberty.jobs.protocol import CompiledSource
+plugins, ref, edit, known, cap = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), json.loads(sys.argv[4]), json.loads(sys.argv[5])
+if cap is not None:
+    loader.MAX_COMPILED_CODE = cap
 install_plugins_path(plugins)
-compiled = compile_ahead(plugins, ref)
-if edit:
-    pathlib.Path(edit[0]).write_text(edit[1])
 real_compile, compiles = builtins.compile, []
 def counting_compile(source, filename, *args, **kwargs):
     compiles.append(filename)
     return real_compile(source, filename, *args, **kwargs)
 builtins.compile = counting_compile
+ahead = compile_ahead(plugins, ref, CompiledSource(**known) if known else None)
+compiled_ahead, compiles[:] = list(compiles), []
+if edit:
+    pathlib.Path(edit[0]).write_text(edit[1])
 func = resolve_function(ref, plugins)
-print(json.dumps({"compiled_ahead": compiled, "result": func(), "compiled_at_import": compiles}))
+print(json.dumps({
+    "ahead": ahead.path if ahead else None,
+    "fresh": attrs.asdict(ahead.fresh) if ahead and ahead.fresh else None,
+    "compiled_ahead": compiled_ahead,
+    "result": func(),
+    "compiled_at_import": compiles,
+}))
 """
 
 
-def ahead(plugins: Path, ref: str, edit: tuple[Path, str] | None = None) -> dict[str, Any]:
-    """compile_ahead(ref), then (after an optional edit) import it, in a fresh interpreter."""
+def ahead(
+    plugins: Path,
+    ref: str,
+    edit: tuple[Path, str] | None = None,
+    known: dict[str, str] | None = None,
+    cap: int | None = None,
+) -> dict[str, Any]:
+    """compile_ahead(ref, known), then (after an optional edit) import it, in a fresh interpreter."""
     proc = subprocess.run(
-        [sys.executable, "-P", "-c", _AHEAD, str(plugins), ref, json.dumps([str(edit[0]), edit[1]] if edit else None)],
+        [sys.executable, "-P", "-c", _AHEAD, str(plugins), ref,
+         json.dumps([str(edit[0]), edit[1]] if edit else None), json.dumps(known), json.dumps(cap)],
         capture_output=True, text=True, timeout=60, cwd=plugins.parent,
     )
     assert proc.returncode == 0, proc.stderr
@@ -234,8 +253,65 @@ def ahead(plugins: Path, ref: str, edit: tuple[Path, str] | None = None) -> dict
 def test_a_module_compiled_ahead_is_not_compiled_again_at_import(plugins: Path) -> None:
     path = put(plugins, "steps.py", "def run():\n    return 'ahead'\n")
     out = ahead(plugins, "steps:run")
-    assert out == {"compiled_ahead": str(plugins / "steps.py"), "result": "ahead", "compiled_at_import": []}
+    assert (out["ahead"], out["result"], out["compiled_ahead"], out["compiled_at_import"]) == (str(path), "ahead", [str(path)], [])
     assert path.exists()
+
+
+def test_a_module_compiled_ahead_is_reported_with_the_digest_of_its_source(plugins: Path) -> None:
+    from liberty.jobs.protocol import source_digest
+
+    path = put(plugins, "steps.py", "def run():\n    return 'ahead'\n")
+    fresh = ahead(plugins, "steps:run")["fresh"]
+    assert fresh["path"] == str(path)
+    assert fresh["digest"] == source_digest(path.read_bytes())
+    assert fresh["code"]
+
+
+def test_code_an_earlier_attempt_compiled_is_used_for_the_same_source_without_compiling(plugins: Path) -> None:
+    path = put(plugins, "steps.py", "def run():\n    return 'handed over'\n")
+    known = ahead(plugins, "steps:run")["fresh"]
+    out = ahead(plugins, "steps:run", known=known)
+    assert out["result"] == "handed over"
+    assert out["compiled_ahead"] == [] and out["compiled_at_import"] == []
+    assert out["ahead"] == str(path) and out["fresh"] is None  # nothing new to report
+
+
+def test_code_an_earlier_attempt_compiled_is_not_used_once_the_source_is_edited(plugins: Path) -> None:
+    path = put(plugins, "steps.py", "def run():\n    return 'old'\n")
+    known = ahead(plugins, "steps:run")["fresh"]
+    path.write_text("def run():\n    return 'new'\n")  # same length, same second
+    out = ahead(plugins, "steps:run", known=known)
+    assert out["result"] == "new"
+    assert out["compiled_ahead"] == [str(path)]
+    assert out["fresh"]["digest"] != known["digest"]
+
+
+def test_code_handed_over_for_another_path_is_not_used(plugins: Path) -> None:
+    put(plugins, "steps.py", "def run():\n    return 'steps'\n")
+    other = put(plugins, "other.py", "def run():\n    return 'steps'\n")  # the same bytes, elsewhere
+    known = ahead(plugins, "other:run")["fresh"]
+    out = ahead(plugins, "steps:run", known=known)
+    assert out["compiled_ahead"] == [str(plugins / "steps.py")]
+    assert known["path"] == str(other)
+
+
+def test_code_handed_over_that_is_not_a_code_object_is_compiled_instead(plugins: Path) -> None:
+    import base64
+    import marshal
+
+    path = put(plugins, "steps.py", "def run():\n    return 'compiled'\n")
+    known = ahead(plugins, "steps:run")["fresh"]
+    for code in ("not base64!", base64.b64encode(b"\x00garbage").decode(), base64.b64encode(marshal.dumps(42)).decode()):
+        out = ahead(plugins, "steps:run", known={**known, "code": code})
+        assert out["result"] == "compiled"
+        assert out["compiled_ahead"] == [str(path)]
+
+
+def test_a_module_whose_code_is_over_the_cap_is_compiled_but_not_reported(plugins: Path) -> None:
+    put(plugins, "steps.py", "def run():\n    return 'big'\n")
+    out = ahead(plugins, "steps:run", cap=10)
+    assert out["result"] == "big" and out["compiled_at_import"] == []
+    assert out["fresh"] is None
 
 
 def test_an_edit_after_compiling_ahead_is_what_runs(plugins: Path) -> None:
@@ -251,7 +327,7 @@ def test_a_module_in_a_package_is_compiled_ahead_without_importing_the_package(p
     proc = subprocess.run(
         [sys.executable, "-P", "-c",
          "import sys; from liberty.jobs.child.loader import compile_ahead; "
-         "print(compile_ahead(sys.argv[1], 'reports.summary:generate_monthly')); print('reports' in sys.modules)",
+         "print(compile_ahead(sys.argv[1], 'reports.summary:generate_monthly').path); print('reports' in sys.modules)",
          str(plugins)],
         capture_output=True, text=True, timeout=60,
     )
@@ -282,3 +358,39 @@ def test_compile_ahead_does_nothing_where_there_is_nothing_safe_to_compile(plugi
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["None", "0"]
+
+
+_KEPT = """
+import builtins, json, pathlib, sys
+from liberty.jobs.child.loader import install_plugins_path, keep_compiled, resolve_function
+plugins, path, edit = sys.argv[1], sys.argv[2], sys.argv[3]
+keep_compiled(path)
+install_plugins_path(plugins)
+real_compile, compiles = builtins.compile, []
+def counting_compile(source, filename, *args, **kwargs):
+    compiles.append(filename)
+    return real_compile(source, filename, *args, **kwargs)
+builtins.compile = counting_compile
+first = resolve_function("kept:run", plugins)()
+del sys.modules["kept"]
+second = resolve_function("kept:run", plugins)()
+del sys.modules["kept"]
+quiet = list(compiles)
+pathlib.Path(path).write_text(edit)
+edited = resolve_function("kept:run", plugins)()
+print(json.dumps({"results": [first, second, edited], "compiled_while_unchanged": quiet, "compiled_after_edit": compiles[len(quiet):]}))
+"""
+
+
+def test_a_module_kept_compiled_is_imported_again_and_again_without_compiling_until_edited(plugins: Path) -> None:
+    path = put(plugins, "kept.py", "def run():\n    return 'old'\n")
+    proc = subprocess.run(
+        [sys.executable, "-P", "-c", _KEPT, str(plugins), str(path), "def run():\n    return 'new'\n"],
+        capture_output=True, text=True, timeout=60, cwd=plugins.parent,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == {
+        "results": ["old", "old", "new"],
+        "compiled_while_unchanged": [],
+        "compiled_after_edit": [str(path)],
+    }

@@ -12,6 +12,7 @@ import trio.testing
 
 from liberty.jobs import Job, Limits, Step, Supervisor
 from liberty.jobs.errors import ConfigError
+from liberty.jobs.protocol import source_digest
 from liberty.jobs.supervisor.containment import Containment
 from liberty.jobs.supervisor.warm import SparePool, dispose, prepare_child
 from liberty.jobs.supervisor.workdirs import Workdirs
@@ -144,6 +145,34 @@ async def test_an_edit_made_while_a_spare_waits_is_picked_up(plugins: Path) -> N
         (plugins / "probes.py").write_text(PROBES.replace('"version": 1', '"version": 2'))
         result = output(await sup.run(job()))
     assert (result["pid"], result["version"]) == (spare, 2)
+
+
+async def test_spares_after_the_first_get_the_code_it_compiled_and_compile_nothing(plugins: Path) -> None:
+    async with Supervisor(plugins=plugins, history=":memory:", spares=1) as sup:
+        output(await sup.run(job()))  # cold: the spare then made compiles probes.py and reports its code
+        await waiting_spares(sup)
+        kept = pool(sup)._sources.get("probes:whoami")
+        assert kept is not None and kept.path == str(plugins / "probes.py")
+        output(await sup.run(job()))  # in that spare; the next one is handed the code
+        await waiting_spares(sup)
+        [spare] = pool(sup)._ready[next(iter(pool(sup)._ready))]
+        assert spare.compiled is None  # it compiled nothing, so reported nothing
+        assert output(await sup.run(job()))["pid"] == spare.child.pid
+
+
+async def test_an_edit_is_picked_up_by_spares_that_were_handed_the_old_code(plugins: Path) -> None:
+    async with Supervisor(plugins=plugins, history=":memory:", spares=1) as sup:
+        for _ in range(2):
+            assert output(await sup.run(job()))["version"] == 1
+        await waiting_spares(sup)
+        probes = plugins / "probes.py"
+        probes.write_text(probes.read_text().replace('"version": 1', '"version": 2'))  # same length
+        assert output(await sup.run(job()))["version"] == 2
+        await waiting_spares(sup)
+        assert output(await sup.run(job()))["version"] == 2  # this spare was handed the old code, and compiled
+        await waiting_spares(sup)
+        kept = pool(sup)._sources.get("probes:whoami")
+        assert kept is not None and kept.digest == source_digest(probes.read_bytes())  # what it compiled, kept
 
 
 async def test_unused_spares_are_killed_and_cleaned_up_when_the_supervisor_stops(plugins: Path) -> None:

@@ -2,44 +2,69 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import importlib
 import importlib.machinery as machinery
+import marshal
 import os
 import sys
+import types
 from collections.abc import Callable
 from typing import Any
+
+import attrs
+
+from ..protocol import CompiledSource, source_digest
+
+# A module's code past this (marshalled, base64) is not reported for keeping: it would crowd
+# the protocol's line cap in every later `prepare`.
+MAX_COMPILED_CODE = 512 * 1024
 
 
 class _FreshSourceLoader(machinery.SourceFileLoader):
     """Compiles plugin source every time.
 
     A `__pycache__` entry is keyed on mtime and size, so an edit that keeps
-    both (same second, same length) would run stale code; plugins are small,
-    compiling them is cheap, and "edited means picked up" must always hold.
-    The one exception is code this very process compiled from the very same
-    bytes (`compile_ahead`): reading the file again and comparing is what
-    decides, so an edit made in between is still compiled afresh.
+    both (same second, same length) would run stale code, and "edited means
+    picked up" must always hold.  The exceptions are code this very process
+    compiled from the very same bytes (`compile_ahead`, possibly from code an
+    earlier attempt compiled from bytes of the same digest) and the shipped
+    rehearsal stand-in (`keep_compiled`): reading the file again and comparing
+    is what decides, so an edit made in between is still compiled afresh.
     """
 
     def get_code(self, fullname: str) -> Any:
         source = self.get_data(self.path)
-        ahead = _compiled_ahead.pop(self.path, None)
+        ahead = _compiled_ahead.pop(self.path, None) or _kept.get(self.path)
         if ahead is not None and ahead[0] == source:
             return ahead[1]
         return compile(source, self.path, "exec", dont_inherit=True)
 
 
 _compiled_ahead: dict[str, tuple[bytes, Any]] = {}
+_kept: dict[str, tuple[bytes, Any]] = {}
 
 
-def compile_ahead(plugins_dir: str, ref: str) -> str | None:
+@attrs.frozen
+class Ahead:
+    """What `compile_ahead` kept: the file, and the code compiled here for the supervisor to
+    keep (None when the code it was given served)."""
+
+    path: str
+    fresh: CompiledSource | None
+
+
+def compile_ahead(plugins_dir: str, ref: str, known: CompiledSource | None = None) -> Ahead | None:
     """Compile, without running it, the source of the module `ref` ("module.path:function")
     names, for `_FreshSourceLoader` to use if the step imports the same bytes later.
 
     What a waiting attempt can do for its step's start before knowing it for sure:
-    compiling is a third of a step's import.  Returns the file compiled, or None
-    when there is nothing to compile (a package, an extension, no such module,
-    a syntax error: the import at `start` reports whatever is wrong).
+    compiling is a third of a step's import.  `known` is that module as an earlier
+    attempt compiled it: used, instead of compiling, for source of the same digest at
+    the same path.  Returns None when there is nothing to compile (a package, an
+    extension, no such module, a syntax error: the import at `start` reports whatever
+    is wrong).
     """
     *parents, name = ref.partition(":")[0].split(".")
     if not all(part.isidentifier() for part in (*parents, name)):
@@ -51,10 +76,38 @@ def compile_ahead(plugins_dir: str, ref: str) -> str | None:
             return None
         with open(path, "rb") as f:
             source = f.read()
-        _compiled_ahead[path] = (source, compile(source, path, "exec", dont_inherit=True))
+        digest = source_digest(source)
+        code = _unmarshal(known) if known is not None and known.path == path and known.digest == digest else None
+        fresh = None
+        if code is None:
+            code = compile(source, path, "exec", dont_inherit=True)
+            fresh = _marshal(path, digest, code)
+        _compiled_ahead[path] = (source, code)
     except (OSError, SyntaxError, ValueError, RecursionError):
         return None
-    return path
+    return Ahead(path=path, fresh=fresh)
+
+
+def _unmarshal(known: CompiledSource) -> types.CodeType | None:
+    """`known`'s code object, or None (then the source is compiled) if it does not read as one."""
+    try:
+        code = marshal.loads(base64.b64decode(known.code, validate=True))
+    except (binascii.Error, ValueError, EOFError, TypeError):
+        return None
+    return code if isinstance(code, types.CodeType) else None
+
+
+def _marshal(path: str, digest: str, code: types.CodeType) -> CompiledSource | None:
+    data = base64.b64encode(marshal.dumps(code)).decode("ascii")
+    return CompiledSource(path=path, digest=digest, code=data) if len(data) <= MAX_COMPILED_CODE else None
+
+
+def keep_compiled(path: str) -> None:
+    """Compile our own module at `path` once, for every import of its unchanged source in this
+    process and the processes forked from it (the zygote keeps the rehearsal stand-in)."""
+    with open(path, "rb") as f:
+        source = f.read()
+    _kept[path] = (source, compile(source, path, "exec", dont_inherit=True))
 
 
 def forget_compiled() -> None:

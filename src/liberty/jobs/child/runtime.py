@@ -12,7 +12,19 @@ import sys
 import traceback
 from typing import Any
 
-from ..protocol import PROTOCOL_FDS_ENV, PROTOCOL_VERSION, Done, Failed, Prepare, Prepared, Ready, Start, decode_parent_message, encode
+from ..protocol import (
+    PROTOCOL_FDS_ENV,
+    PROTOCOL_VERSION,
+    CompiledSource,
+    Done,
+    Failed,
+    Prepare,
+    Prepared,
+    Ready,
+    Start,
+    decode_parent_message,
+    encode,
+)
 from .channel import Channel, adopt_protocol_fds
 from .context import ChildContext
 from .loader import REHEARSAL_MODULE, compile_ahead, install_plugins_path, rehearse_import, resolve_function
@@ -65,9 +77,8 @@ def serve(fd_in: int, fd_out: int) -> None:
     channel.watch_for_messages()
     if prepare.rehearse:
         rehearse_start(loop, prepare.plugins)
-    if prepare.expect:
-        compile_ahead(prepare.plugins, prepare.expect)
-    channel.send(handshake(report))
+    ahead = compile_ahead(prepare.plugins, prepare.expect, prepare.code) if prepare.expect else None
+    channel.send(handshake(report, ahead.fresh if ahead is not None else None))
     start = channel.wait_start()
     if start.version != PROTOCOL_VERSION:
         print(f"nomaflow child: expected start (protocol {PROTOCOL_VERSION}), got {start.version}", file=sys.stderr)
@@ -76,9 +87,9 @@ def serve(fd_in: int, fd_out: int) -> None:
     _flush_and_exit(0)
 
 
-def handshake(report: dict[str, Any] | None) -> bytes:
+def handshake(report: dict[str, Any] | None, compiled: CompiledSource | None = None) -> bytes:
     """`ready` and `prepared` in one write, once prepared: the supervisor reads them together."""
-    return encode(Ready(version=PROTOCOL_VERSION, pid=os.getpid())) + encode(Prepared(report=report))
+    return encode(Ready(version=PROTOCOL_VERSION, pid=os.getpid())) + encode(Prepared(report=report, compiled=compiled))
 
 
 _stack_dump_installed = False

@@ -28,7 +28,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from ..protocol import Prepare, encode
+from ..protocol import CompiledSource, Prepare, encode
 from ..sandbox import SandboxSpec, default_readable, files_apart, outermost, sandbox_problem
 from ..sandbox.apply import rehearse
 from .channel import Channel
@@ -45,24 +45,26 @@ def warm_up(rounds: int = WARM_UP_ROUNDS, *, read_request: Callable[[bytes], obj
     readable, files = files_apart(outermost(default_readable(REHEARSAL_DIR)))  # as the supervisor's spec has them
     spec = SandboxSpec(workdir=REHEARSAL_DIR, readable=readable, readable_files=files).to_dict()
     body = json.dumps({"env": dict(os.environ), "cwd": "/"}).encode()
+    known: CompiledSource | None = None  # the first walk compiles the stand-in; the others are handed its code
     try:
         for _ in range(rounds):
             if read_request is not None:
                 read_request(body)
-            _walk(spec)
+            known = _walk(spec, known) or known
     except Exception as exc:  # a slower zygote, not a broken one
         print(f"nomaflow zygote: warm-up stopped ({type(exc).__name__}: {exc}); attempts start without it", file=sys.stderr)
     finally:
         asyncio.set_event_loop(None)
 
 
-def _walk(spec: dict[str, object]) -> None:
+def _walk(spec: dict[str, object], known: CompiledSource | None) -> CompiledSource | None:
     r_in, w_in = os.pipe()
     r_out, w_out = os.pipe()
     loop: asyncio.AbstractEventLoop | None = None
     try:
-        # What the supervisor sends on a cold start, then the attempt's own steps.
-        os.write(w_in, encode(Prepare(plugins=REHEARSAL_DIR, sandbox=spec)) + encode(REHEARSAL_START))
+        # What the supervisor sends a spare, then the attempt's own steps.
+        prepare_msg = Prepare(plugins=REHEARSAL_DIR, sandbox=spec, expect=REHEARSAL_START.function, code=known)
+        os.write(w_in, encode(prepare_msg) + encode(REHEARSAL_START))
         channel = Channel(r_in, w_out)
         prepare = channel.receive()
         if not isinstance(prepare, Prepare):
@@ -73,9 +75,11 @@ def _walk(spec: dict[str, object]) -> None:
             loop = asyncio.new_event_loop()
             asyncio.set_event_loop(loop)
             rehearse_start(loop, prepare.plugins)  # what a spare does while it waits
-            compile_ahead(prepare.plugins, REHEARSAL_START.function)
-            channel.send(handshake(report))
+            ahead = compile_ahead(prepare.plugins, prepare.expect, prepare.code) if prepare.expect else None
+            fresh = ahead.fresh if ahead is not None else None
+            channel.send(handshake(report, fresh))
             run_attempt(channel, channel.wait_start(), prepare.plugins, loop)
+            return fresh
     finally:
         if loop is not None:
             loop.close()

@@ -21,11 +21,12 @@ import mmap
 import os
 import random  # noqa: F401  (imported here for its at-fork hook, which reseeds each attempt: see `_become_attempt`)
 import socket
+import sys
 from typing import Any
 
 from . import channel as _channel  # noqa: F401
 from . import context as _context  # noqa: F401
-from . import loader as _loader  # noqa: F401
+from . import loader as _loader
 from . import runtime
 from .forking import SiblingForker
 from .warmup import warm_up
@@ -44,6 +45,11 @@ def main() -> None:
     # Made once here rather than in every attempt's first `set_event_loop` (a third of its cost);
     # it holds no loop and no descriptor, only the (empty) per-thread slot for one.
     asyncio.get_event_loop_policy()
+    # The shipped rehearsal stand-in is ours, not a plugin: compiled once here, not in every spare.
+    try:
+        _loader.keep_compiled(os.path.join(_loader.REHEARSAL_DIR, _loader.REHEARSAL_MODULE + ".py"))
+    except (OSError, SyntaxError) as exc:
+        print(f"nomaflow zygote: the rehearsal stand-in could not be compiled ahead ({exc}); spares compile it", file=sys.stderr)
     # The attempt's path, quickened once here; the request read back asks for the zygote's
     # own environment, so applying it changes nothing.
     warm_up(read_request=lambda body: _replace_environ(_attempt_request(loads(body))[0]))

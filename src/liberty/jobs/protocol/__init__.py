@@ -17,6 +17,7 @@ from .messages import (
     Call,
     Cancel,
     ChildMessage,
+    CompiledSource,
     Done,
     Failed,
     Log,
@@ -30,6 +31,7 @@ from .messages import (
     StreamClose,
     StreamMore,
     StreamOpen,
+    source_digest,
 )
 
 __all__ = [
@@ -41,6 +43,7 @@ __all__ = [
     "TAGS",
     "Call",
     "Cancel",
+    "CompiledSource",
     "ChildMessage",
     "Done",
     "Failed",
@@ -56,6 +59,7 @@ __all__ = [
     "StreamClose",
     "StreamMore",
     "StreamOpen",
+    "source_digest",
     "converter",
     "decode_child_message",
     "decode_parent_message",

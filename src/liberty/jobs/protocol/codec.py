@@ -19,7 +19,7 @@ from cattrs.strategies import configure_tagged_union
 
 from .._strict import describe_error, make_strict_converter
 from ..errors import ProtocolError
-from .messages import TAGS, ChildMessage, Log, LogLevel, ParentMessage, Reply, Rows
+from .messages import TAGS, ChildMessage, Log, LogLevel, ParentMessage, Prepare, Prepared, Reply, Rows
 
 DEFAULT_MAX_LINE = 1024 * 1024
 _LOG_LEVELS = frozenset(get_args(LogLevel))
@@ -158,6 +158,9 @@ def decode_parent_message(line: bytes) -> ParentMessage:
     return _structure(line, ParentMessage, "parent")
 
 
+_NESTED: dict[type, tuple[str, ...]] = {Prepare: ("code",), Prepared: ("compiled",)}  # fields holding an attrs class
+
+
 def encode(message: ChildMessage | ParentMessage, *, max_line: int = DEFAULT_MAX_LINE) -> bytes:
     """Serialise a message to one newline-terminated line, refusing oversize lines."""
     if type(message) is Log:
@@ -168,6 +171,9 @@ def encode(message: ChildMessage | ParentMessage, *, max_line: int = DEFAULT_MAX
         # Fields are already JSON values (plugin data is encoded by `protocol.values`
         # first), so a shallow dict is the wire form; cattrs would walk every row.
         obj = attrs.asdict(message, recurse=False)
+        for name in _NESTED.get(type(message), ()):
+            if obj[name] is not None:
+                obj[name] = attrs.asdict(obj[name])
         obj["t"] = TAGS[type(message)]
         data = "".join(_ENCODE_VALUE(obj, 0)).encode("utf-8")
     except (TypeError, ValueError, RecursionError, KeyError) as exc:

@@ -9,6 +9,7 @@ tagged form of `protocol.values`.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any, Literal
 
 import attrs
@@ -30,6 +31,23 @@ def _frozen(cls: type) -> type:
 
 
 @_frozen
+class CompiledSource:
+    """A plugin module's code object, marshalled (base64), compiled by an attempt from the
+    source whose `source_digest` is `digest`: what a spare reports in `prepared` and the
+    supervisor hands to later spares in `prepare`, which use it only for source of that digest."""
+
+    path: str
+    digest: str
+    code: str
+
+
+def source_digest(source: bytes) -> str:
+    """BLAKE2b-256, hex: hashlib's own C code, where sha256 goes through OpenSSL, whose
+    per-call lookups write to (so copy) pages of the zygote's memory in every attempt."""
+    return hashlib.blake2b(source, digest_size=32).hexdigest()
+
+
+@_frozen
 class Ready:
     """A child's first line, written together with `prepared`: it runs and speaks this protocol version."""
 
@@ -43,6 +61,9 @@ class Prepared:
     None when none was asked).  The child now waits for `start`."""
 
     report: dict[str, dict[str, Any]] | None = None
+    # The module of `prepare.expect` as this child compiled it, when the supervisor had no code
+    # for that source; nothing of the plugin has run when this is sent.
+    compiled: CompiledSource | None = None
 
 
 @_frozen
@@ -126,6 +147,8 @@ class Prepare:
     # a hint only.  The child compiles that module's source ahead and keeps the code for
     # an import of the very same bytes; nothing of the plugin is executed before `start`.
     expect: str | None = None
+    # That module as an earlier attempt compiled it (see `CompiledSource`), if the supervisor has it.
+    code: CompiledSource | None = None
     # Whether `start` may be a while coming (a spare): then the child walks the start path
     # meanwhile, taking its page copies off it.  A cold attempt's `start` follows at once.
     rehearse: bool = False

@@ -28,9 +28,20 @@ import trio
 
 from ..config import Limits
 from ..errors import ProtocolError
-from ..protocol import DEFAULT_MAX_LINE, PROTOCOL_VERSION, LineSplitter, Prepare, Prepared, Ready, decode_child_message, encode
+from ..protocol import (
+    DEFAULT_MAX_LINE,
+    PROTOCOL_VERSION,
+    CompiledSource,
+    LineSplitter,
+    Prepare,
+    Prepared,
+    Ready,
+    decode_child_message,
+    encode,
+)
 from ..sandbox import sandbox_problem
 from .cgroups import AttemptCgroup, CgroupError
+from .compiled import CompiledSources
 from .containment import Containment
 from .processes import stat_fields
 from .spawn import ChildHandle, child_environment
@@ -60,6 +71,7 @@ class PreparedChild:
     token: str
     group: AttemptCgroup | None
     report: dict[str, Any] | None
+    compiled: CompiledSource | None = None  # the expected step's module, as this child compiled it
 
 
 def limits_key(limits: Limits) -> str:
@@ -86,11 +98,13 @@ async def prepare_child(
     name: str,
     making: set[PreparedChild] | None = None,
     expect: str | None = None,
+    code: CompiledSource | None = None,
 ) -> PreparedChild:
     """Start a child, contain it, have it seal itself; every failure is a `PrepareError` with nothing left behind.
 
     `making` holds the child while it is being prepared, so its owner can tell its process apart;
-    `expect` is the step it will most likely run (`Prepare.expect`).
+    `expect` is the step it will most likely run (`Prepare.expect`), `code` that step's module
+    as an earlier child compiled it (`Prepare.code`).
     """
     token = uuid.uuid4().hex
     workdir = containment.workdirs.take()
@@ -98,7 +112,7 @@ async def prepare_child(
     try:
         group = await containment.cgroup_for(f"{name}-{token[:8]}", limits)
         spec = containment.sandbox_spec(limits, workdir, group)
-        prepare = encode(Prepare(plugins=plugins, sandbox=spec, expect=expect, rehearse=True))
+        prepare = encode(Prepare(plugins=plugins, sandbox=spec, expect=expect, code=code, rehearse=True))
         # In its pipe before it exists: the new process reads `prepare` at once, and no one
         # here has to wake up between the fork and the handshake.
         child = await start_child(workdir=workdir, env=child_environment(workdir=workdir, token=token), first=prepare)
@@ -124,6 +138,7 @@ async def prepare_child(
         if problem:
             raise PrepareError(f"the sandbox could not be applied: {problem}")
         spare.report = prepared.report
+        spare.compiled = prepared.compiled
         return spare
     except (PrepareError, ProtocolError, CgroupError, OSError, ValueError, trio.TooSlowError,
             trio.BrokenResourceError, trio.ClosedResourceError) as exc:
@@ -213,6 +228,7 @@ class SparePool:
         # a spare serves, up to `size`; steps alternating between limits waste one spare a switch.
         self._depth = 1
         self._expect: str | None = None  # the step the latest claim was for: the next spares compile it ahead
+        self._sources = CompiledSources(plugins)  # ... or are given its code, compiled by an earlier spare
         self._failures = 0  # in a row, for the wanted limits
         self._wake = trio.Event()
         self._prepared = trio.Event()
@@ -260,6 +276,7 @@ class SparePool:
                 name="spare",
                 making=self._making,
                 expect=expect,
+                code=self._sources.get(expect),
             )
         except PrepareError as exc:
             if key == self._want:
@@ -275,6 +292,8 @@ class SparePool:
             self._prepared = trio.Event()
         if key == self._want:
             self._failures = 0
+        if expect is not None and spare.compiled is not None:
+            self._sources.offer(expect, spare.compiled)
         if key != self._want or self._nursery is None:
             await dispose(spare, self._containment)
             return
