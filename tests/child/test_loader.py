@@ -203,6 +203,15 @@ def test_the_import_rehearsal_leaves_no_file_module_or_path_behind(plugins: Path
     assert report["result"] == "alpha"
 
 
+# Every compile() after this is listed in `compiles`, by file name.
+_COUNT_COMPILES = """
+real_compile, compiles = builtins.compile, []
+def counting_compile(source, filename, *args, **kwargs):
+    compiles.append(filename)
+    return real_compile(source, filename, *args, **kwargs)
+builtins.compile = counting_compile
+"""
+
 _AHEAD = """
 import builtins, json, pathlib, sys
 import attrs
@@ -213,12 +222,7 @@ plugins, ref, edit, known, cap = sys.argv[1], sys.argv[2], json.loads(sys.argv[3
 if cap is not None:
     loader.MAX_COMPILED_CODE = cap
 install_plugins_path(plugins)
-real_compile, compiles = builtins.compile, []
-def counting_compile(source, filename, *args, **kwargs):
-    compiles.append(filename)
-    return real_compile(source, filename, *args, **kwargs)
-builtins.compile = counting_compile
-ahead = compile_ahead(plugins, ref, CompiledSource(**known) if known else None)
+""" + _COUNT_COMPILES + """ahead = compile_ahead(plugins, ref, CompiledSource(**known) if known else None)
 compiled_ahead, compiles[:] = list(compiles), []
 if edit:
     pathlib.Path(edit[0]).write_text(edit[1])
@@ -366,12 +370,7 @@ from liberty.jobs.child.loader import install_plugins_path, keep_compiled, resol
 plugins, path, edit = sys.argv[1], sys.argv[2], sys.argv[3]
 keep_compiled(path)
 install_plugins_path(plugins)
-real_compile, compiles = builtins.compile, []
-def counting_compile(source, filename, *args, **kwargs):
-    compiles.append(filename)
-    return real_compile(source, filename, *args, **kwargs)
-builtins.compile = counting_compile
-first = resolve_function("kept:run", plugins)()
+""" + _COUNT_COMPILES + """first = resolve_function("kept:run", plugins)()
 del sys.modules["kept"]
 second = resolve_function("kept:run", plugins)()
 del sys.modules["kept"]

@@ -34,7 +34,10 @@ class CompiledSources:
         return self._kept.get(ref) if ref is not None else None
 
     def offer(self, ref: str, compiled: CompiledSource) -> bool:
-        """Keep `compiled` for `ref` if the plugin file holds, now, source of the digest it claims."""
+        """Keep `compiled` for `ref` if the plugin file holds, now, source of the digest it claims.
+
+        Reads the file on the caller's thread: a plugin module, once per edit (a spare reports
+        only what it compiled, and it compiles only what the supervisor had no code for)."""
         if not _DIGEST.fullmatch(compiled.digest) or not compiled.code:
             return False
         if _digest(compiled.path, self._root) != compiled.digest:
