@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import attrs
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3  # 3: `prepare.code` and `prepared.compiled`
 # The child finds its protocol pipe ends ("IN,OUT" fd numbers) in this variable.
 PROTOCOL_FDS_ENV = "NOMAFLOW_PROTOCOL_FDS"
 
