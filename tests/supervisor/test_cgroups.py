@@ -357,6 +357,21 @@ def test_nothing_is_planned_before_the_parents_are_made(manager: CgroupManager) 
     assert manager.ready
 
 
+def test_an_attempt_has_a_v1_memory_cgroup_only_to_enforce_a_limit_or_count_the_peak(manager: CgroupManager) -> None:
+    every = {h.role for h in manager.support.hierarchies}
+    made = manager.create("first", account_memory=False)
+    assert made is not None and set(made.dirs) == every - {"memory"}
+    assert manager.release(made)
+    limited = manager.plan("limited", memory_mb=64, account_memory=False)
+    unlimited = manager.plan("unlimited", account_memory=False)
+    counted = manager.plan("counted")  # the peak is the cgroup's to count
+    assert limited is not None and unlimited is not None
+    assert set(limited.dirs) == every and set(unlimited.dirs) == every - {"memory"}
+    assert counted is not None and set(counted.dirs) == every
+    assert unlimited.memory_limit_bytes is None and not any("memory." in path for path in unlimited.limit_files)
+    assert manager.release(limited) and manager.release(unlimited) and manager.release(counted)
+
+
 def test_a_planned_cgroup_is_not_made_but_its_limits_are_decided(manager: CgroupManager) -> None:
     made = manager.create("first")
     assert made is not None and manager.release(made)

@@ -1015,6 +1015,23 @@ async def test_usage_is_recorded_for_a_cpu_burning_step(plugins: Path) -> None:
     assert record.wall_s > 0.6 and record.cpu_s >= 0.5 and record.peak_rss_mb > 5
 
 
+async def test_a_step_without_a_memory_limit_reports_the_peak_of_its_own_process(plugins: Path) -> None:
+    mod = plugin(
+        plugins,
+        """
+        async def hold(ctx, **_):
+            block = bytearray(80 << 20)
+            block[::4096] = b"1" * len(block[::4096])
+            del block
+            return {}
+        """,
+    )
+    run, _ = await run_step(plugins, f"{mod}:hold")  # gone before any sample: the kernel's own peak
+    s = run.steps[0]
+    assert run.status == "SUCCEEDED", s.error
+    assert s.peak_rss_mb >= 80
+
+
 async def test_usage_counts_a_subprocess_that_holds_memory_and_is_gone_before_the_step_ends(plugins: Path) -> None:
     mod = plugin(
         plugins,

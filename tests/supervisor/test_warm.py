@@ -248,15 +248,21 @@ async def test_a_spare_that_cannot_be_sealed_is_dropped_and_the_cold_start_repor
     assert pool(sup).hits == 0
 
 
-async def test_a_cold_started_step_joins_its_own_cgroup_in_every_hierarchy_before_it_runs(plugins: Path) -> None:
+@pytest.mark.parametrize("memory_mb", [None, 256])
+async def test_a_cold_started_step_joins_its_own_cgroup_in_every_hierarchy_it_needs_before_it_runs(
+    plugins: Path, memory_mb: int | None
+) -> None:
     async with Supervisor(plugins=plugins, history=":memory:", spares=0) as sup:
         groups = sup.containment.cgroups
         assert groups is not None and groups.enabled
-        result = output(await sup.run(job()))
+        result = output(await sup.run(job(Limits(memory_mb=memory_mb))))
     lines = result["cgroup"].splitlines()
     hierarchies = {h.role for h in groups.support.hierarchies}
+    if memory_mb is None:
+        hierarchies.discard("memory")  # a v1 memory cgroup only to enforce a limit
     joined = [line for line in lines if "/att-" in line]
-    assert len(joined) == len(hierarchies), lines  # one attempt cgroup per hierarchy this host has
+    assert len(joined) == len(hierarchies), lines  # one attempt cgroup per hierarchy it needs
+    assert any(":memory:" in line for line in joined) == ("memory" in hierarchies)
 
 
 async def test_limits_key_is_equal_for_equal_limits_and_differs_otherwise() -> None:

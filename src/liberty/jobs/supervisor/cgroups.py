@@ -594,7 +594,9 @@ class CgroupManager:
         h = self.support.hierarchy(role)
         return None if h is None else h.base / self.tag
 
-    def create(self, name: str, *, memory_mb: int | None = None, max_processes: int | None = None) -> AttemptCgroup | None:
+    def create(
+        self, name: str, *, memory_mb: int | None = None, max_processes: int | None = None, account_memory: bool = True
+    ) -> AttemptCgroup | None:
         """A fresh cgroup for one attempt with its limits set, or None when the host has no cgroups.
 
         A limit the host cannot enforce is left unset (`memory_limit_bytes` /
@@ -605,11 +607,13 @@ class CgroupManager:
         _check_name(name)
         dirs: dict[str, Path] = {}
         try:
-            for h in self.support.hierarchies:
+            for h in self.support.hierarchies:  # every parent, so that later attempts can be planned
                 parent = self._parents[h.role]
                 if parent not in self._made:
                     self._make_parents(h, parent)
                     self._made.add(parent)
+            for h in self._hierarchies(memory_mb, account_memory):
+                parent = self._parents[h.role]
                 directory = parent / f"att-{name}"
                 try:
                     directory.mkdir()
@@ -633,7 +637,9 @@ class CgroupManager:
             self._attempts[name] = group
         return group
 
-    def plan(self, name: str, *, memory_mb: int | None = None, max_processes: int | None = None) -> AttemptCgroup | None:
+    def plan(
+        self, name: str, *, memory_mb: int | None = None, max_processes: int | None = None, account_memory: bool = True
+    ) -> AttemptCgroup | None:
         """`create`, but made by the attempt itself (`AttemptCgroup.planned`): no system call here.
 
         An mkdir waits for the kernel's global cgroup mutex, so `create` runs on a
@@ -647,7 +653,7 @@ class CgroupManager:
         _check_name(name)
         if not self.ready:
             return None
-        group = AttemptCgroup(name, {h.role: self._parents[h.role] / f"att-{name}" for h in self.support.hierarchies})
+        group = AttemptCgroup(name, {h.role: self._parents[h.role] / f"att-{name}" for h in self._hierarchies(memory_mb, account_memory)})
         group.planned = True
         group.limit_files = self._limits(group, memory_mb, max_processes)
         with self._lock:
@@ -658,6 +664,19 @@ class CgroupManager:
     def ready(self) -> bool:
         """Attempt cgroups can be planned: every parent directory was made (by a `create`)."""
         return all(parent in self._made for parent in self._parents.values())
+
+    def _hierarchies(self, memory_mb: int | None, account_memory: bool) -> tuple[Hierarchy, ...]:
+        """An attempt's hierarchies: a v1 memory cgroup to enforce a memory limit, or to count
+        the peak (`account_memory`) where the supervisor has none of its own.
+
+        Made for every attempt, it cost each run 5% of a trivial step's CPU (measured:
+        every page the step touched was charged to a fresh memcg), where the supervisor
+        has the peak anyway from the kernel's own accounting (`ChildHandle.max_rss_bytes`,
+        descendants the step waited for included, and the sampled sizes of the others).
+        """
+        if memory_mb is not None or account_memory:
+            return self.support.hierarchies
+        return tuple(h for h in self.support.hierarchies if h.role != "memory")
 
     def parents_lost(self) -> None:
         """An attempt could not make its planned cgroup: the next `create` makes the parents again."""

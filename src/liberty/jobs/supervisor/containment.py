@@ -45,6 +45,9 @@ class Containment:
         self.cgroups: CgroupManager | None = None
         self.workdirs = Workdirs()  # every attempt's work directory comes from here and goes back to it
         self.notes: list[str] = []
+        # Every attempt is reaped with its rusage (the zygote's): the peak comes from there, and a
+        # v1 memory cgroup is made only to enforce a memory limit (`CgroupManager._hierarchies`).
+        self.peak_from_reaper = False
         self._leftovers: list[tuple[AttemptCgroup | None, str | None, trio.Event]] = []  # for the janitor
         self._leftovers_wake = trio.Event()
 
@@ -207,7 +210,12 @@ class Containment:
         if self.cgroups is None or not self.cgroups.enabled:
             return None
         if self.cgroups.ready:
-            return self.cgroups.plan(_cgroup_name(name), memory_mb=limits.memory_mb, max_processes=self._max_processes(limits))
+            return self.cgroups.plan(
+                _cgroup_name(name),
+                memory_mb=limits.memory_mb,
+                max_processes=self._max_processes(limits),
+                account_memory=not self.peak_from_reaper,
+            )
         return await trio.to_thread.run_sync(self.contain, name, limits)
 
     def contain(self, name: str, limits: Limits) -> AttemptCgroup | None:
@@ -220,7 +228,12 @@ class Containment:
         """
         if self.cgroups is None or not self.cgroups.enabled:
             return None
-        return self.cgroups.create(_cgroup_name(name), memory_mb=limits.memory_mb, max_processes=self._max_processes(limits))
+        return self.cgroups.create(
+            _cgroup_name(name),
+            memory_mb=limits.memory_mb,
+            max_processes=self._max_processes(limits),
+            account_memory=not self.peak_from_reaper,
+        )
 
     def joined(self, group: AttemptCgroup, report: dict[str, Any] | None) -> bool:
         """Whether the child's sandbox report says it is in `group` (made by it, if planned).

@@ -158,6 +158,9 @@ class Supervisor:
                 if subreaper:
                     self._zygote = Zygote(child_environment(workdir="/"))
                     stack.push_async_callback(self._zygote.aclose)
+                    # Its attempts are reaped with their rusage: their peak needs no memory cgroup.
+                    # (One spawned after the zygote failed has only the sampled peak then.)
+                    self.containment.peak_from_reaper = True
                 else:
                     self.start_mode = "spawn"
                     self.start_mode_note = "zygote unavailable: this process cannot be a child subreaper; spawning instead"

@@ -228,6 +228,7 @@ class AttemptSession:
                     self._kill(child)
                     try:
                         returncode = await child.wait()
+                        self._peak_rss = max(self._peak_rss, child.max_rss_bytes or 0)
                     except ChildProcessError as exc:
                         await self._note("WARNING", f"could not collect the child's exit status: {exc}")
                     await child.aclose()
@@ -867,7 +868,9 @@ class AttemptSession:
     async def _sample_usage(self, pid: int) -> None:
         """Peak memory, CPU and process count, sampled cheaply (fast at first, then every second)."""
         interval = 0.05
-        if self._group is not None:  # its cgroup counts memory, processes and CPU: nothing to catch at once
+        if self._group is not None:
+            # Its cgroup counts processes and CPU (and memory, under a limit), and the reaper
+            # gets the peak of the step's process and of what it waited for: nothing to catch at once.
             await trio.sleep(interval)
         while not self._exited.is_set():
             pids = tree_pids(pid)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import resource
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable
@@ -61,6 +62,9 @@ class ChildHandle:
     stdout: trio.abc.ReceiveStream
     stderr: trio.abc.ReceiveStream
     _wait: Callable[[], Awaitable[int]]
+    # Its peak resident size, once reaped, where the reaper got its rusage (ru_maxrss: its
+    # own, or that of a descendant it waited for, whichever was larger).
+    max_rss_bytes: int | None = None
 
     async def wait(self) -> int:
         """Reap the process; the Popen-style return code (negative for a signal)."""
@@ -142,13 +146,18 @@ async def reap_adopted(pid: int) -> int:
     Right after it was forked its parent may not have exited yet, so ECHILD
     for a short while means "not ours yet", not "gone".
     """
+    return (await reap_adopted_with_peak(pid))[0]
+
+
+async def reap_adopted_with_peak(pid: int) -> tuple[int, int | None]:
+    """`reap_adopted`, and the process's peak resident size in bytes (`ChildHandle.max_rss_bytes`)."""
     try:
-        got, status = os.waitpid(pid, os.WNOHANG)  # usually it has exited already: no pidfd then
+        got, status, usage = os.wait4(pid, os.WNOHANG)  # usually it has exited already: no pidfd then
     except ChildProcessError:
-        got, status = 0, 0  # not (yet) ours
+        got, status, usage = 0, 0, None  # not (yet) ours
     if got == pid:
         await trio.lowlevel.checkpoint()
-        return os.waitstatus_to_exitcode(status)
+        return os.waitstatus_to_exitcode(status), _peak_bytes(usage)
     try:
         pidfd = os.pidfd_open(pid)
     except ProcessLookupError:
@@ -159,12 +168,16 @@ async def reap_adopted(pid: int) -> int:
         os.close(pidfd)
     for _ in range(200):
         try:
-            got, status = os.waitpid(pid, os.WNOHANG)
+            got, status, usage = os.wait4(pid, os.WNOHANG)
         except ChildProcessError as exc:
             if exc.errno != errno.ECHILD:
                 raise
-            got, status = 0, 0
+            got, status, usage = 0, 0, None
         if got == pid:
-            return os.waitstatus_to_exitcode(status)
+            return os.waitstatus_to_exitcode(status), _peak_bytes(usage)
         await trio.sleep(0.01)
     raise ChildProcessError(f"process {pid} exited but never became our child to reap")
+
+
+def _peak_bytes(usage: resource.struct_rusage | None) -> int | None:
+    return usage.ru_maxrss * 1024 if usage is not None and usage.ru_maxrss > 0 else None  # Linux: KiB

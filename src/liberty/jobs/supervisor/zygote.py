@@ -19,7 +19,7 @@ import sys
 import trio
 
 from ..protocol.zygote import MAX_REQUEST, REPLY, REQUEST_HEADER, ZYGOTE_FD_ENV
-from .spawn import ChildHandle, child_pipes, reap_adopted
+from .spawn import ChildHandle, child_pipes, reap_adopted, reap_adopted_with_peak
 
 _START_TIMEOUT = 30.0
 _REPLY_TIMEOUT = 10.0  # a fork takes about a millisecond
@@ -115,14 +115,19 @@ class Zygote:
             with trio.CancelScope(shield=True):
                 await _reap_unwanted(pid)
             raise
-        return ChildHandle(
+        async def reap() -> int:
+            code, handle.max_rss_bytes = await reap_adopted_with_peak(pid)
+            return code
+
+        handle = ChildHandle(
             pid,
             trio.lowlevel.FdStream(to_child_w),
             trio.lowlevel.FdStream(from_child_r),
             trio.lowlevel.FdStream(out_r),
             trio.lowlevel.FdStream(err_r),
-            lambda: reap_adopted(pid),
+            reap,
         )
+        return handle
 
     async def _request(self, fds: list[int], payload: dict[str, object]) -> int:
         for attempt in range(2):
