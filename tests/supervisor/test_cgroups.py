@@ -357,19 +357,23 @@ def test_nothing_is_planned_before_the_parents_are_made(manager: CgroupManager) 
     assert manager.ready
 
 
-def test_an_attempt_has_a_v1_memory_cgroup_only_to_enforce_a_limit_or_count_the_peak(manager: CgroupManager) -> None:
+def test_an_attempt_has_v1_memory_and_pids_cgroups_only_to_enforce_a_limit_or_count_the_peak(manager: CgroupManager) -> None:
     every = {h.role for h in manager.support.hierarchies}
     made = manager.create("first", account_memory=False)
-    assert made is not None and set(made.dirs) == every - {"memory"}
+    assert made is not None and set(made.dirs) == every - {"memory", "pids"}
     assert manager.release(made)
-    limited = manager.plan("limited", memory_mb=64, account_memory=False)
+    limited = manager.plan("limited", memory_mb=64, max_processes=12, account_memory=False)
+    memory_only = manager.plan("memory-only", memory_mb=64, account_memory=False)
     unlimited = manager.plan("unlimited", account_memory=False)
-    counted = manager.plan("counted")  # the peak is the cgroup's to count
-    assert limited is not None and unlimited is not None
-    assert set(limited.dirs) == every and set(unlimited.dirs) == every - {"memory"}
-    assert counted is not None and set(counted.dirs) == every
-    assert unlimited.memory_limit_bytes is None and not any("memory." in path for path in unlimited.limit_files)
-    assert manager.release(limited) and manager.release(unlimited) and manager.release(counted)
+    counted = manager.plan("counted")  # the peak is the memory cgroup's to count
+    assert limited is not None and memory_only is not None and unlimited is not None and counted is not None
+    assert set(limited.dirs) == every
+    assert set(memory_only.dirs) == every - {"pids"}
+    assert set(unlimited.dirs) == every - {"memory", "pids"}
+    assert set(counted.dirs) == every - {"pids"}
+    assert unlimited.memory_limit_bytes is None and unlimited.pids_limit is None and not unlimited.limit_files
+    for group in (limited, memory_only, unlimited, counted):
+        assert manager.release(group)
 
 
 def test_a_planned_cgroup_is_not_made_but_its_limits_are_decided(manager: CgroupManager) -> None:

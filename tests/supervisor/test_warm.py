@@ -248,21 +248,24 @@ async def test_a_spare_that_cannot_be_sealed_is_dropped_and_the_cold_start_repor
     assert pool(sup).hits == 0
 
 
-@pytest.mark.parametrize("memory_mb", [None, 256])
+@pytest.mark.parametrize("limits", [Limits(), Limits(memory_mb=256), Limits(max_processes=50), Limits(memory_mb=256, max_processes=50)])
 async def test_a_cold_started_step_joins_its_own_cgroup_in_every_hierarchy_it_needs_before_it_runs(
-    plugins: Path, memory_mb: int | None
+    plugins: Path, limits: Limits
 ) -> None:
     async with Supervisor(plugins=plugins, history=":memory:", spares=0) as sup:
         groups = sup.containment.cgroups
         assert groups is not None and groups.enabled
-        result = output(await sup.run(job(Limits(memory_mb=memory_mb))))
+        result = output(await sup.run(job(limits)))
     lines = result["cgroup"].splitlines()
     hierarchies = {h.role for h in groups.support.hierarchies}
-    if memory_mb is None:
-        hierarchies.discard("memory")  # a v1 memory cgroup only to enforce a limit
+    if limits.memory_mb is None:
+        hierarchies.discard("memory")  # v1 memory and pids cgroups only to enforce a limit
+    if limits.max_processes is None:
+        hierarchies.discard("pids")
     joined = [line for line in lines if "/att-" in line]
     assert len(joined) == len(hierarchies), lines  # one attempt cgroup per hierarchy it needs
     assert any(":memory:" in line for line in joined) == ("memory" in hierarchies)
+    assert any(":pids:" in line for line in joined) == ("pids" in hierarchies)
 
 
 async def test_limits_key_is_equal_for_equal_limits_and_differs_otherwise() -> None:

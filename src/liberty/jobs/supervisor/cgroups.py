@@ -612,7 +612,7 @@ class CgroupManager:
                 if parent not in self._made:
                     self._make_parents(h, parent)
                     self._made.add(parent)
-            for h in self._hierarchies(memory_mb, account_memory):
+            for h in self._hierarchies(memory_mb, max_processes, account_memory):
                 parent = self._parents[h.role]
                 directory = parent / f"att-{name}"
                 try:
@@ -653,7 +653,8 @@ class CgroupManager:
         _check_name(name)
         if not self.ready:
             return None
-        group = AttemptCgroup(name, {h.role: self._parents[h.role] / f"att-{name}" for h in self._hierarchies(memory_mb, account_memory)})
+        hierarchies = self._hierarchies(memory_mb, max_processes, account_memory)
+        group = AttemptCgroup(name, {h.role: self._parents[h.role] / f"att-{name}" for h in hierarchies})
         group.planned = True
         group.limit_files = self._limits(group, memory_mb, max_processes)
         with self._lock:
@@ -665,18 +666,24 @@ class CgroupManager:
         """Attempt cgroups can be planned: every parent directory was made (by a `create`)."""
         return all(parent in self._made for parent in self._parents.values())
 
-    def _hierarchies(self, memory_mb: int | None, account_memory: bool) -> tuple[Hierarchy, ...]:
-        """An attempt's hierarchies: a v1 memory cgroup to enforce a memory limit, or to count
-        the peak (`account_memory`) where the supervisor has none of its own.
+    def _hierarchies(self, memory_mb: int | None, max_processes: int | None, account_memory: bool) -> tuple[Hierarchy, ...]:
+        """An attempt's hierarchies.  On a hybrid host: the v2 one (the kill, the CPU time); a v1
+        memory cgroup to enforce a memory limit, or to count the peak (`account_memory`) where
+        the supervisor has none of its own; a v1 pids cgroup to enforce a process limit.
 
-        Made for every attempt, it cost each run 5% of a trivial step's CPU (measured:
-        every page the step touched was charged to a fresh memcg), where the supervisor
-        has the peak anyway from the kernel's own accounting (`ChildHandle.max_rss_bytes`,
-        descendants the step waited for included, and the sampled sizes of the others).
+        Made for every attempt, the v1 memory cgroup cost each run 5% of a trivial step's CPU
+        (measured: every page the step touched was charged to a fresh memcg), where the
+        supervisor has the peak anyway from the kernel's own accounting
+        (`ChildHandle.max_rss_bytes`: descendants the step waited for included; the sampled
+        sizes of the others), and the v1 pids cgroup 3% more, for a count of tasks that the
+        sampled count of processes stands in for.
         """
-        if memory_mb is not None or account_memory:
-            return self.support.hierarchies
-        return tuple(h for h in self.support.hierarchies if h.role != "memory")
+        skip = set()
+        if memory_mb is None and not account_memory:
+            skip.add("memory")
+        if max_processes is None:
+            skip.add("pids")
+        return tuple(h for h in self.support.hierarchies if h.role not in skip)
 
     def parents_lost(self) -> None:
         """An attempt could not make its planned cgroup: the next `create` makes the parents again."""

@@ -869,8 +869,8 @@ class AttemptSession:
         """Peak memory, CPU and process count, sampled cheaply (fast at first, then every second)."""
         interval = 0.05
         if self._group is not None:
-            # Its cgroup counts processes and CPU (and memory, under a limit), and the reaper
-            # gets the peak of the step's process and of what it waited for: nothing to catch at once.
+            # Its cgroup counts CPU (and memory and processes, under a limit), and the reaper gets
+            # the peak of the step's process and of what it waited for: nothing to catch at once.
             await trio.sleep(interval)
         while not self._exited.is_set():
             pids = tree_pids(pid)
