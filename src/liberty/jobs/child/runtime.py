@@ -77,14 +77,20 @@ def serve(fd_in: int, fd_out: int) -> None:
     channel.watch_for_messages()
     if prepare.rehearse:
         rehearse_start(loop, prepare.plugins)
-    ahead = compile_ahead(prepare.plugins, prepare.expect, prepare.code) if prepare.expect else None
-    channel.send(handshake(report, ahead.fresh if ahead is not None else None))
+    channel.send(handshake(report, compile_expected(prepare)))
     start = channel.wait_start()
     if start.version != PROTOCOL_VERSION:
         print(f"nomaflow child: expected start (protocol {PROTOCOL_VERSION}), got {start.version}", file=sys.stderr)
         os._exit(2)
     run_attempt(channel, start, prepare.plugins, loop)
     _flush_and_exit(0)
+
+
+def compile_expected(prepare: Prepare) -> CompiledSource | None:
+    """Compile the expected step's module ahead (or take the code handed over for it); the
+    code compiled here, for `prepared` to report, if any."""
+    ahead = compile_ahead(prepare.plugins, prepare.expect, prepare.code) if prepare.expect else None
+    return ahead.fresh if ahead is not None else None
 
 
 def handshake(report: dict[str, Any] | None, compiled: CompiledSource | None = None) -> bytes:

@@ -32,8 +32,8 @@ from ..protocol import CompiledSource, Prepare, encode
 from ..sandbox import SandboxSpec, default_readable, files_apart, outermost, sandbox_problem
 from ..sandbox.apply import rehearse
 from .channel import Channel
-from .loader import REHEARSAL_DIR, REHEARSAL_MODULE, compile_ahead, forget_compiled, install_plugins_path
-from .runtime import REHEARSAL_START, handshake, rehearse_start, run_attempt
+from .loader import REHEARSAL_DIR, REHEARSAL_MODULE, forget_compiled, install_plugins_path
+from .runtime import REHEARSAL_START, compile_expected, handshake, rehearse_start, run_attempt
 
 WARM_UP_ROUNDS = 12  # measured: 8 to 16 quicken it all; more only leaves more holes in the heap
 
@@ -75,8 +75,7 @@ def _walk(spec: dict[str, object], known: CompiledSource | None) -> CompiledSour
             loop = asyncio.new_event_loop()
             asyncio.set_event_loop(loop)
             rehearse_start(loop, prepare.plugins)  # what a spare does while it waits
-            ahead = compile_ahead(prepare.plugins, prepare.expect, prepare.code) if prepare.expect else None
-            fresh = ahead.fresh if ahead is not None else None
+            fresh = compile_expected(prepare)
             channel.send(handshake(report, fresh))
             run_attempt(channel, channel.wait_start(), prepare.plugins, loop)
             return fresh
